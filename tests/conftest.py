@@ -1,0 +1,27 @@
+"""Shared test fixtures: tiny real components written once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir(tmp_path_factory):
+    """A complete tiny ``StableDiffusionInpaintPipeline`` folder (9-channel UNet, cross-attention 32)."""
+    from asuka.models.tiny import save_tiny_sd_inpaint
+
+    return save_tiny_sd_inpaint(tmp_path_factory.mktemp("tiny-sd-inpaint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir_768(tmp_path_factory):
+    """Tiny SD-inpainting folder whose UNet takes 768-d conditions (the aligner's output width)."""
+    from asuka.models.tiny import save_tiny_sd_inpaint
+
+    return save_tiny_sd_inpaint(tmp_path_factory.mktemp("tiny-sd-inpaint-768"), cross_attention_dim=768)
