@@ -1,0 +1,454 @@
+"""Image and mask I/O, sizes and paste-back: every inference method goes through this module.
+
+Conventions (DESIGN.md), applied once, at the boundary:
+
+- **Images** become ``float32`` tensors ``(B, 3, H, W)`` in ``[-1, 1]``.
+  Paths, PIL images and numpy arrays are API-edge formats: ``uint8`` is read as ``[0, 255]``, 16-bit
+  (PIL ``I;16``/``I`` or ``uint16`` arrays) as ``[0, 65535]``, numpy floats as ``[0, 1]``. Grayscale is
+  replicated to RGB; palette (``P``) and other modes go through PIL's RGB conversion; **alpha is dropped**
+  (the stored RGB values are kept as they are, not composited on a background, so they stay bit-exact).
+  Files are turned upright by their EXIF orientation. Torch tensors must already follow the convention
+  (floating dtype, 3 channels, values in ``[-1, 1]``); anything else is an :class:`InputError` that names the fix.
+- **Masks** become ``float32`` tensors ``(B, 1, H, W)`` with values in ``{0, 1}``, **1 = hole** (white in
+  files). The one threshold is :data:`MASK_THRESHOLD` = 0.5 on the ``[0, 1]`` scale: a pixel is a hole when
+  ``value >= 0.5``, i.e. ``>= 128`` for ``uint8``. Soft masks (values other than 0/1, 0/255, e.g. from JPEG or
+  blurring) are binarized at that threshold with a :class:`SoftMaskWarning`. ``uint8`` masks whose maximum is 1
+  are 0/1 label masks and read as such. Colour masks (RGB/RGBA/palette files or arrays) are accepted
+  only when their R, G and B channels are equal (an error otherwise: a red stroke is not a hole); alpha is ignored.
+- **Sizes**: image and mask must have the same size (an :class:`InputError` otherwise: resizing a mask silently
+  moves the hole). Methods see inputs padded on the bottom/right to a multiple (8 by default, 64 where a method
+  needs it): images by reflection, masks with zeros (padding is known context, never hole); the padding is
+  cropped off the output.
+- **Paste-back** (on by default): outside the hole the output is bit-identical to the input, also after
+  ``to_pil``/``to_numpy_uint8`` for 8-bit inputs (``u8 / 127.5 - 1`` round-trips exactly through float32).
+  For 16-bit inputs the saved 8-bit output equals the input rounded to 8 bits.
+
+Example::
+
+    from asuka.pipelines.common import load_image, load_mask, run_inpainting, to_pil
+
+    image = load_image("photo.png")          # (1,3,H,W) in [-1,1]
+    mask = load_mask("mask.png")             # (1,1,H,W) in {0,1}, 1 = hole
+    out = run_inpainting(lambda x, m: x * (1 - m), image, mask)   # any (image, mask) -> image callable
+    to_pil(out)[0].save("out.png")
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from asuka.pipelines.hd import HDStrategy, crop_region, resize_target
+
+MASK_THRESHOLD = 0.5
+"""A mask pixel is a hole when its value on the [0, 1] scale is >= this (>= 128 for uint8)."""
+
+DEFAULT_MULTIPLE = 8
+DEFAULT_MAX_SIZE = 2048
+"""Longest side (pixels) a method is run at by default; raise it with ``max_size=`` / ``--max-size``."""
+
+_RANGE_TOLERANCE = 1e-3  # float tensors may overshoot [-1, 1] / [0, 1] by this much (then clamped)
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+class InputError(ValueError):
+    """Bad input to an inference entry point; the message names the argument and the fix."""
+
+
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """A path argument names no file (both an :class:`InputError` and a ``FileNotFoundError``)."""
+
+
+class SoftMaskWarning(UserWarning):
+    """A mask had values other than 0/1 (or 0/255) and was binarized at :data:`MASK_THRESHOLD`."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _open(path: str | os.PathLike, name: str) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise InputFileNotFoundError(f"{name}: file not found: {path} (check the path)")
+    if path.is_dir():
+        raise InputError(f"{name}: {path} is a folder; pass an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{name}: cannot read {path} as an image ({type(err).__name__}: {err}); "
+                         "the file is truncated, corrupt or not an image - re-export it as PNG or JPEG") from None
+    return img
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """PIL image -> numpy (H, W) or (H, W, 3) in its natural dtype (uint8, uint16 or float32)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return np.clip(np.asarray(img, dtype=np.int64), 0, 65535).astype(np.uint16)
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    if mode in ("1", "L", "LA"):
+        return np.asarray(img.convert("L"))
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    # Alpha is dropped; colour masks must have equal channels (checked by _mask_from_numpy).
+    return np.asarray(img.convert("RGB"))
+
+
+def _scale_array(arr: np.ndarray, name: str, what: str) -> np.ndarray:
+    """numpy array -> float32 on the [0, 1] scale, by dtype (uint8 /255, uint16 /65535, float as is)."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == np.bool_:
+        if what == "image":
+            raise InputError(f"{name}: a boolean array is not an image; pass uint8 [0,255] or float [0,1] "
+                             "(if this is a mask, pass it as mask)")
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        _check_finite(torch.from_numpy(arr), name)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+            raise InputError(f"{name}: float arrays must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                             "divide [0,255] data by 255 (or pass uint8)")
+        return np.clip(arr, 0.0, 1.0)
+    raise InputError(f"{name}: unsupported dtype {arr.dtype}; pass uint8 [0,255], uint16 [0,65535] "
+                     f"or float [0,1] (e.g. arr.astype(np.uint8))")
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{name}: contains NaN or inf values; replace them (e.g. torch.nan_to_num) before inpainting")
+
+
+def _check_size(h: int, w: int, name: str) -> None:
+    if h == 0 or w == 0:
+        raise InputError(f"{name}: zero-size image ({w}x{h}); pass an image with at least one pixel")
+
+
+def _image_from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+        raise InputError(f"{name}: numpy images must be (H,W), (H,W,C) or (B,H,W,C) with C in 1/3/4 "
+                         f"(gray/RGB/RGBA, channels last); got shape {tuple(arr.shape)}")
+    _check_size(arr.shape[1], arr.shape[2], name)
+    x = torch.from_numpy(np.ascontiguousarray(_scale_array(arr, name, "image")))
+    x = x.permute(0, 3, 1, 2)
+    x = x[:, :3] if x.shape[1] == 4 else x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return (x * 2 - 1).contiguous()
+
+
+def _image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise InputError(f"{name}: tensor dtype {x.dtype} is not floating point; image tensors are float in "
+                         "[-1, 1] (convert uint8 with x.float() / 127.5 - 1, or pass a numpy array/PIL image)")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise InputError(f"{name}: image tensors must be (3,H,W) or (B,3,H,W) RGB; got shape {tuple(x.shape)} "
+                         "(repeat grayscale with x.expand(-1, 3, -1, -1), drop alpha with x[:, :3])")
+    _check_size(x.shape[-2], x.shape[-1], name)
+    x = x.float()
+    _check_finite(x, name)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise InputError(f"{name}: image tensors must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                         "map [0,1] tensors with x * 2 - 1 and [0,255] ones with x / 127.5 - 1")
+    return x.clamp(-1, 1)
+
+
+def load_image(x: ImageLike, *, name: str = "image") -> torch.Tensor:
+    """Any image input -> float32 ``(B, 3, H, W)`` in ``[-1, 1]`` (``B = 1`` except for batched arrays/tensors).
+
+    Accepts a path, a PIL image, a numpy array (channels last; uint8, uint16 or float in [0, 1]) or a tensor
+    that already follows the convention. See the module docstring for every conversion.
+    """
+    if isinstance(x, (str, os.PathLike)):
+        x = _open(x, name)
+    if isinstance(x, Image.Image):
+        _check_size(x.height, x.width, name)
+        return _image_from_numpy(_pil_to_array(x), name)
+    if isinstance(x, np.ndarray):
+        return _image_from_numpy(x, name)
+    if isinstance(x, torch.Tensor):
+        return _image_from_tensor(x, name)
+    raise InputError(f"{name}: unsupported type {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
+
+
+def _binarize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[0, 1]-scale float mask -> {0, 1}; warn when it was not binary already."""
+    hole = x >= MASK_THRESHOLD
+    if not bool(((x == 0) | (x == 1)).all()):
+        warnings.warn(f"{name}: soft mask (values other than 0/1 or 0/255) binarized at {MASK_THRESHOLD} "
+                      "(>= 128 for uint8) - pass a binary mask to silence this", SoftMaskWarning, stacklevel=3)
+    return hole.float()
+
+
+def _mask_from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise InputError(f"{name}: colour mask (channels differ); pass a single-channel mask, e.g. "
+                             "arr[..., 0] or a grayscale image")
+        arr = rgb[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InputError(f"{name}: numpy masks must be (H,W), (H,W,1), (H,W,3) with equal channels or (B,H,W,1); "
+                         f"got shape {tuple(arr.shape)}")
+    _check_size(arr.shape[1], arr.shape[2], name)
+    if arr.dtype == np.uint8 and arr.max() <= 1:
+        arr = arr.astype(np.bool_)  # a 0/1 label mask stored as uint8
+    m = torch.from_numpy(np.ascontiguousarray(_scale_array(arr, name, "mask")))[:, None]
+    return _binarize(m, name)
+
+
+def _mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not (x.is_floating_point() or x.dtype == torch.bool):
+        raise InputError(f"{name}: tensor dtype {x.dtype} is not float or bool; mask tensors are float in [0, 1] "
+                         "(1 = hole): use m.float() / 255 for 0/255 masks or m.bool() for 0/1 masks")
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise InputError(f"{name}: mask tensors must be (H,W), (B,H,W) or (B,1,H,W); got shape {tuple(x.shape)} "
+                         "(take one channel with m[:, :1])")
+    _check_size(x.shape[-2], x.shape[-1], name)
+    x = x.float()
+    _check_finite(x, name)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise InputError(f"{name}: mask tensors must be in [0, 1] (1 = hole), got values in [{lo:.4g}, {hi:.4g}]; "
+                         "divide 0/255 masks by 255")
+    return _binarize(x, name)
+
+
+def load_mask(x: ImageLike, *, name: str = "mask") -> torch.Tensor:
+    """Any mask input -> float32 ``(B, 1, H, W)`` in ``{0, 1}``, 1 = hole (threshold :data:`MASK_THRESHOLD`)."""
+    if isinstance(x, (str, os.PathLike)):
+        x = _open(x, name)
+    if isinstance(x, Image.Image):
+        _check_size(x.height, x.width, name)
+        return _mask_from_numpy(_pil_to_array(x), name)
+    if isinstance(x, np.ndarray):
+        return _mask_from_numpy(x, name)
+    if isinstance(x, torch.Tensor):
+        return _mask_from_tensor(x, name)
+    raise InputError(f"{name}: unsupported type {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
+
+
+def _load_many(x, loader: Callable[..., torch.Tensor], name: str) -> torch.Tensor:
+    if not isinstance(x, (list, tuple)):
+        return loader(x, name=name)
+    if len(x) == 0:
+        raise InputError(f"{name}: empty list; pass at least one item")
+    items = [loader(item, name=f"{name}[{i}]") for i, item in enumerate(x)]
+    sizes = {tuple(t.shape[-2:]) for t in items}
+    if len(sizes) > 1:
+        raise InputError(f"{name}: list items have different sizes {sorted(sizes)}; a batch needs one size "
+                         "(run them one at a time)")
+    return torch.cat([t.to(items[0].device) for t in items])
+
+
+def prepare_inputs(image, mask, *, max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load, batch and check an image/mask pair -> ``(B,3,H,W)`` in [-1,1] and ``(B,1,H,W)`` in {0,1}.
+
+    ``image`` / ``mask`` may be anything :func:`load_image` / :func:`load_mask` take, or lists of them.
+    A batch of 1 is broadcast against the other side; other differing batch sizes are an error, and so are
+    differing sizes. ``max_size`` (optional) bounds the longest side.
+    """
+    image = _load_many(image, load_image, "image")
+    mask = _load_many(mask, load_mask, "mask").to(image.device)
+    if image.shape[-2:] != mask.shape[-2:]:
+        (ih, iw), (mh, mw) = image.shape[-2:], mask.shape[-2:]
+        raise InputError(f"mask: size {mw}x{mh} differs from the image's {iw}x{ih}; resize the mask to {iw}x{ih} "
+                         "with nearest-neighbour interpolation (e.g. mask.resize((W, H), Image.NEAREST))")
+    bi, bm = image.shape[0], mask.shape[0]
+    if bi != bm:
+        if bm == 1:
+            mask = mask.expand(bi, -1, -1, -1)
+        elif bi == 1:
+            image = image.expand(bm, -1, -1, -1)
+        else:
+            raise InputError(f"mask: batch size {bm} differs from the image batch size {bi}; pass one mask per "
+                             "image or a single mask for all")
+    if max_size is not None:
+        check_max_size(image.shape[-2], image.shape[-1], max_size)
+    return image.contiguous(), mask.contiguous()
+
+
+def check_max_size(height: int, width: int, max_size: int) -> None:
+    """Error when the longest side exceeds ``max_size``, naming the option to raise and the HD strategies."""
+    if max(height, width) > max_size:
+        raise InputError(f"image: {width}x{height} exceeds max_size={max_size} (longest side a method is run at); "
+                         "raise it with max_size= / --max-size, or use hd_strategy='crop' / 'resize' "
+                         "(--hd-strategy crop|resize) to process a crop around the hole or a downscaled copy")
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+Pad = tuple[int, int, int, int]  # F.pad order: (left, right, top, bottom)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = DEFAULT_MULTIPLE, mode: str = "reflect") -> tuple[torch.Tensor, Pad]:
+    """Pad ``x`` (B,C,H,W) on the bottom/right so H and W are multiples of ``multiple``.
+
+    ``mode="reflect"`` for images (falls back to ``replicate`` where the image is too small to reflect),
+    ``mode="constant"`` (zeros) for masks. Returns the padded tensor and the pad for :func:`crop_padding`.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1; got {multiple}")
+    h, w = x.shape[-2:]
+    pad = (0, (-w) % multiple, 0, (-h) % multiple)
+    if pad == (0, 0, 0, 0):
+        return x, pad
+    if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
+        mode = "replicate"
+    return F.pad(x, pad, mode=mode), pad
+
+
+def crop_padding(x: torch.Tensor, pad: Pad) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple`."""
+    left, right, top, bottom = pad
+    h, w = x.shape[-2:]
+    return x[..., top:h - bottom, left:w - right]
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize images (B,3,H,W) in [-1,1] to ``size`` = (H, W): bicubic, antialiased, clamped to [-1, 1]."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def resize_mask(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize masks (B,1,H,W) to ``size``: a pixel is a hole when any hole pixel falls in it (area > 0),
+    so thin strokes survive downscaling; upscaling is nearest-neighbour."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m, size=size, mode="area").gt(0).to(m.dtype)
+
+
+def paste_back(output: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Known pixels from ``image``, hole pixels (mask >= 0.5) from ``output``; exact (a select, no blending)."""
+    if output.shape != image.shape:
+        raise InputError(f"output: shape {tuple(output.shape)} differs from the image's {tuple(image.shape)}")
+    return torch.where(mask.to(image.device) >= MASK_THRESHOLD, output.to(image), image)
+
+
+_paste_back = paste_back  # run_inpainting's ``paste_back`` flag shadows the function's name
+
+
+# ------------------------------------------------------------------------------------------------ output
+def to_numpy_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (B,3,H,W) -> uint8 (B,H,W,3), or (3,H,W) -> (H,W,3); exact inverse of 8-bit loading."""
+    if x.ndim not in (3, 4) or x.shape[-3] != 3:
+        raise InputError(f"to_numpy_uint8: expected (3,H,W) or (B,3,H,W) images; got shape {tuple(x.shape)}")
+    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return u8.movedim(-3, -1).cpu().numpy()
+
+
+def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
+    """Images in [-1, 1] -> RGB PIL: a list for (B,3,H,W), one image for (3,H,W)."""
+    arr = to_numpy_uint8(x)
+    if arr.ndim == 3:
+        return Image.fromarray(arr)
+    return [Image.fromarray(a) for a in arr]
+
+
+def mask_to_pil(m: torch.Tensor) -> Image.Image | list[Image.Image]:
+    """Masks {0,1} -> ``L`` PIL (hole = 255): a list for (B,1,H,W), one image for (1,H,W) or (H,W)."""
+    u8 = (m.detach().float() >= MASK_THRESHOLD).to(torch.uint8).mul(255).cpu().numpy()
+    if u8.ndim == 4:
+        return [Image.fromarray(a[0]) for a in u8]
+    return Image.fromarray(u8.reshape(u8.shape[-2:]))
+
+
+# --------------------------------------------------------------------------------------------- inference
+InpaintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_inpainting(
+    model: InpaintFn,
+    image,
+    mask,
+    *,
+    paste_back: bool = True,
+    multiple: int = DEFAULT_MULTIPLE,
+    working_size: tuple[int, int] | None = None,
+    hd_strategy: HDStrategy | str = "crop",
+    max_size: int | None = DEFAULT_MAX_SIZE,
+) -> torch.Tensor:
+    """The one inference entry point every method goes through.
+
+    ``model(image, mask) -> image`` takes and returns (b,3,h,w) in [-1,1] with (b,1,h,w) masks, h and w
+    multiples of ``multiple``. Steps: load and check inputs (:func:`prepare_inputs`); items whose mask has no
+    hole are returned unchanged and never reach ``model`` (so an all-known batch never calls it); the HD
+    strategy picks the processed region; the region's longest side must be <= ``max_size``; it is resized to
+    ``working_size`` (H, W) if given, padded to ``multiple``, inpainted, cropped and resized back, written into
+    the full image; finally, with ``paste_back`` on (default), known pixels are pasted back exactly
+    (:func:`paste_back`); with it off, pixels outside the processed region are still the input's.
+    Returns (B,3,H,W) in [-1,1].
+    """
+    image, mask = prepare_inputs(image, mask)
+    strategy = hd_strategy if isinstance(hd_strategy, HDStrategy) else HDStrategy(name=hd_strategy)
+    has_hole = mask.flatten(1).amax(dim=1) >= MASK_THRESHOLD
+    if not bool(has_hole.any()):
+        return image.clone()
+    todo = torch.nonzero(has_hole).flatten()
+    img, msk = image[todo], mask[todo]
+
+    box = crop_region(msk, strategy)
+    if box is not None:
+        top, bottom, left, right = box
+        img, msk = img[..., top:bottom, left:right], msk[..., top:bottom, left:right]
+    region = tuple(img.shape[-2:])
+    size = working_size or resize_target(*region, strategy) or region
+    if max_size is not None:
+        check_max_size(size[0], size[1], max_size)
+
+    x, m = resize_image(img, size), resize_mask(msk, size)
+    x, pad = pad_to_multiple(x, multiple, mode="reflect")
+    m, _ = pad_to_multiple(m, multiple, mode="constant")
+    out = model(x, m)
+    if tuple(out.shape) != tuple(x.shape):
+        raise RuntimeError(f"inpainting model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+    out = resize_image(crop_padding(out.to(image.device, torch.float32), pad), region)
+
+    result = image.clone()
+    if box is None:
+        result[todo] = out
+    else:
+        result[todo, :, top:bottom, left:right] = out
+    return _paste_back(result, image, mask) if paste_back else result
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files in ``folder`` (not recursive), sorted by name."""
+    exts = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in exts)
+
+
+__all__: Sequence[str] = (
+    "MASK_THRESHOLD", "DEFAULT_MULTIPLE", "DEFAULT_MAX_SIZE", "InputError", "InputFileNotFoundError",
+    "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "pad_to_multiple",
+    "crop_padding", "resize_image", "resize_mask", "paste_back", "to_numpy_uint8", "to_pil", "mask_to_pil",
+    "run_inpainting", "list_image_files",
+)
