@@ -1,0 +1,199 @@
+"""HarmonizingDecoderKL: oracle against diffusers' AsymmetricAutoencoderKL, invariants, from_vae, converters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AsymmetricAutoencoderKL, StableDiffusionInpaintPipeline
+from PIL import Image
+
+from asuka.models.decoder import HarmonizingDecoderKL, downsample_mask
+from asuka.models.tiny import tiny_vae
+
+ASYM_KEYS = ("in_channels", "out_channels", "down_block_types", "down_block_out_channels", "layers_per_down_block",
+             "up_block_types", "up_block_out_channels", "layers_per_up_block", "act_fn", "latent_channels",
+             "norm_num_groups", "sample_size", "scaling_factor")
+
+
+def _inputs(seed: int = 0, batch: int = 2, size: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, 4, size // 8, size // 8, generator=g)
+    image = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(batch, 1, size, size)
+    mask[0, :, 13:41, 7:50] = 1  # not aligned to the 8-pixel latent grid
+    mask[1:, :, 30:, :21] = 1
+    return z, image, mask
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _asym_reference(model: HarmonizingDecoderKL) -> AsymmetricAutoencoderKL:
+    ref = AsymmetricAutoencoderKL(**{k: model.config[k] for k in ASYM_KEYS}).eval()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae(0)
+
+
+def test_oracle_equals_diffusers_asymmetric_bit_for_bit(vae):
+    model = HarmonizingDecoderKL.from_vae(vae, condition_channels=3, mask_downsample="nearest").eval()
+    _randomize(model.decoder.condition_encoder, 1)
+    ref = _asym_reference(model)
+    z, image, mask = _inputs()
+    with torch.no_grad():
+        ours = model.decode(z, image=image, mask=mask).sample
+        theirs = ref.decode(z, image=image, mask=mask).sample
+        assert torch.equal(ours, theirs)
+        assert torch.equal(model(image, mask=mask).sample, ref(image, mask=mask).sample)
+        assert torch.equal(model.decode(z).sample, ref.decode(z).sample)  # unconditioned: plain decoder
+
+
+def test_known_region_depends_only_on_known_pixels(vae):
+    model = HarmonizingDecoderKL.from_vae(vae).eval()  # ASUKA: 4 channels, area_any
+    _randomize(model.decoder.condition_encoder, 2)  # the mask channel must matter for this test
+    z, image, mask = _inputs()
+    other = torch.where(mask.bool(), torch.rand_like(image) * 2 - 1, image)  # new hole pixels only
+    with torch.no_grad():
+        a = model.decode(z, image=image, mask=mask).sample
+        b = model.decode(z, image=other, mask=mask).sample
+        moved = model.decode(z, image=image, mask=torch.roll(mask, 9, dims=-1)).sample
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, moved)  # the mask itself is an input
+
+
+def test_area_any_marks_every_cell_touching_the_hole():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 3, 5] = 1  # one pixel: cell (1, 2) of a 4x4 grid
+    area = downsample_mask(mask, (4, 4), "area_any")
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 1, 2] = 1
+    assert torch.equal(area, expected)
+    assert downsample_mask(mask, (4, 4), "nearest").sum() == 0  # nearest samples pixel (2i, 2j) and misses it
+    with pytest.raises(ValueError, match="mask_downsample"):
+        downsample_mask(mask, (4, 4), "bilinear")
+
+
+def test_variants_differ_only_in_the_chosen_options(vae):
+    z, image, mask = _inputs()
+    nearest = HarmonizingDecoderKL.from_vae(vae, condition_channels=4, mask_downsample="nearest").eval()
+    area = HarmonizingDecoderKL.from_vae(vae, condition_channels=4, mask_downsample="area_any").eval()
+    area.load_state_dict(nearest.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(nearest.decode(z, image=image, mask=mask).sample,
+                                  area.decode(z, image=image, mask=mask).sample)
+
+
+def test_from_autoencoder_kl_copies_and_zero_inits_mask_channel(vae):
+    model = HarmonizingDecoderKL.from_vae(vae)
+    ours, theirs = model.state_dict(), vae.state_dict()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    first = ours["decoder.condition_encoder.layers.0.weight"]
+    assert first.shape[1] == 4 and torch.all(first[:, 3] == 0) and first[:, :3].abs().sum() > 0
+    assert model.config.up_block_out_channels == tuple(vae.config.block_out_channels)
+    z, image, _ = _inputs()
+    with torch.no_grad():  # an all-hole mask means "no condition": exactly the plain VAE decoder
+        full = model.decode(z, image=image, mask=torch.ones(2, 1, 64, 64)).sample
+        torch.testing.assert_close(full, vae.decode(z).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_from_asymmetric_copies_condition_encoder(vae):
+    source = HarmonizingDecoderKL.from_vae(vae, condition_channels=3, mask_downsample="nearest")
+    _randomize(source.decoder.condition_encoder, 3)
+    asym = _asym_reference(source)
+    model = HarmonizingDecoderKL.from_vae(asym, condition_channels=4, mask_downsample="nearest").eval()
+    first = model.state_dict()["decoder.condition_encoder.layers.0.weight"]
+    assert torch.equal(first[:, :3], asym.state_dict()["decoder.condition_encoder.layers.0.weight"])
+    assert torch.all(first[:, 3] == 0)
+    z, image, mask = _inputs()
+    with torch.no_grad():  # zero mask channel: same function as the source
+        torch.testing.assert_close(model.decode(z, image=image, mask=mask).sample,
+                                   asym.decode(z, image=image, mask=mask).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_wider_decoder_keeps_encoder_and_starts_decoder_fresh(vae):
+    model = HarmonizingDecoderKL.from_vae(vae, decoder_width="1.5x")
+    assert model.config.up_block_out_channels == (12, 24, 48, 48) and model.config.layers_per_up_block == 3
+    assert len(model.decoder.up_blocks[0].resnets) == 4  # [62]'s larger1.5: 4 ResNets per level
+    assert torch.equal(model.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert torch.equal(model.quant_conv.weight, vae.quant_conv.weight)
+    assert model.decoder.condition_encoder.layers[0].weight.shape == (12, 4, 3, 3)
+    z, image, mask = _inputs()
+    assert model.decode(z, image=image, mask=mask).sample.shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="decoder_width"):
+        HarmonizingDecoderKL.from_vae(vae, decoder_width="3x")
+
+
+def test_save_and_load_roundtrip(vae, tmp_path):
+    model = HarmonizingDecoderKL.from_vae(vae, mask_downsample="nearest").eval()
+    model.save_pretrained(tmp_path)
+    loaded = HarmonizingDecoderKL.from_pretrained(tmp_path).eval()
+    assert loaded.config.condition_channels == 4 and loaded.config.mask_downsample == "nearest"
+    z, image, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.decode(z, image=image, mask=mask).sample,
+                           loaded.decode(z, image=image, mask=mask).sample)
+
+
+def test_gradient_checkpointing_same_result(vae):
+    model = HarmonizingDecoderKL.from_vae(vae)
+    _randomize(model.decoder.condition_encoder, 4)
+    z, image, mask = _inputs()
+    plain = model.decode(z, image=image, mask=mask).sample
+    model.enable_gradient_checkpointing()
+    model.train()
+    ckpt = model.decode(z, image=image, mask=mask).sample
+    torch.testing.assert_close(plain, ckpt)
+    ckpt.mean().backward()
+    assert model.decoder.condition_encoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_arguments_raise_clear_errors(vae):
+    with pytest.raises(ValueError, match="condition_channels"):
+        HarmonizingDecoderKL(condition_channels=5)
+    with pytest.raises(ValueError, match="mask_downsample"):
+        HarmonizingDecoderKL(mask_downsample="bilinear")
+    with pytest.raises(TypeError, match="vae must be"):
+        HarmonizingDecoderKL.from_vae(torch.nn.Conv2d(1, 1, 1))
+    model = HarmonizingDecoderKL.from_vae(vae)
+    z, image, mask = _inputs()
+    with pytest.raises(ValueError, match="both image= and mask="):
+        model.decode(z, image=image)
+    with pytest.raises(ValueError, match="output size"):
+        model.decode(z, image=image[..., :32, :32], mask=mask[..., :32, :32])
+    with pytest.raises(ValueError, match=r"mask \(B,1,H,W\)"):
+        model.decode(z, image=image, mask=mask.expand(-1, 3, -1, -1))
+
+
+def test_sd_inpaint_pipeline_hands_image_and_mask(tiny_inpaint_dir, tmp_path):
+    """The exported folder is a drop-in ``vae=``: the pipeline decodes with image and mask by itself."""
+    model = HarmonizingDecoderKL.from_vae(tiny_vae(0))
+    _randomize(model.decoder.condition_encoder, 5)
+    model.save_pretrained(tmp_path / "decoder")
+    decoder = HarmonizingDecoderKL.from_pretrained(tmp_path / "decoder")
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint_dir, vae=decoder, safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    hole = np.zeros((64, 64), np.uint8)
+    hole[16:48, 8:40] = 255
+    kwargs = dict(prompt="a photo", image=Image.fromarray(rgb), mask_image=Image.fromarray(hole), height=64,
+                  width=64, num_inference_steps=2, guidance_scale=1.0)
+    out = pipe(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    latents = pipe(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = torch.from_numpy(hole > 127)[None, None].float()
+    with torch.no_grad():
+        manual = decoder.decode(latents / decoder.config.scaling_factor, image=image, mask=mask).sample
+        plain = decoder.decode(latents / decoder.config.scaling_factor).sample
+    torch.testing.assert_close(out, (manual / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, (plain / 2 + 0.5).clamp(0, 1), atol=1e-3)
