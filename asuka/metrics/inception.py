@@ -1,0 +1,108 @@
+"""Inception-v3 pool features (2048-d) for FID, KID and U-/P-IDS, with explicit weights.
+
+Two variants:
+
+* ``"fidelity"`` (default): torch-fidelity's ``FeatureExtractorInceptionV3`` — the TF "2015-12-05" graph
+  ported to PyTorch with TF1-compatible bilinear resizing to 299², fed uint8 images. Its numbers match
+  torch-fidelity / pytorch-fid / torchmetrics(``antialias=False``) FID, i.e. LaMa, MAT, Co-Mod-GAN.
+  Weights: ``weights-inception-2015-12-05-6726825d.pth`` from the torch-fidelity v0.2.0 GitHub release.
+* ``"torchvision"``: torchvision ``inception_v3`` (ImageNet ``IMAGENET1K_V1``, ``fc = Identity``) with
+  its own preprocessing (resize 342, centre crop 299, ImageNet normalisation), as ASUKA's
+  ``eval/cal_ids.py`` does (specs/asuka.md §1.1.6). Its FID values are *not* comparable with the
+  standard tools; use it only to reproduce ASUKA's tables. Weights: ``inception_v3_google-0cc3c7bd.pth``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .weights import WeightSource, load_state_dict_file, resolve_weights
+
+FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                "weights-inception-2015-12-05-6726825d.pth")
+TORCHVISION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
+VARIANTS = {
+    "fidelity": WeightSource("FID/KID/IDS Inception-v3 (torch-fidelity, TF 2015-12-05)", "--inception-weights",
+                             FIDELITY_URL),
+    "torchvision": WeightSource("FID/KID/IDS Inception-v3 (torchvision IMAGENET1K_V1, ASUKA cal_ids.py)",
+                                "--inception-weights", TORCHVISION_URL),
+}
+FEATURE_DIM = 2048
+
+
+def _torchvision_inception(weights: Path | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    if weights is None:  # explicit --allow-download
+        model = tvm.inception_v3(weights=tvm.Inception_V3_Weights.IMAGENET1K_V1)
+    else:  # the IMAGENET1K_V1 builder sets transform_input=True; keep it for identical features
+        model = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+        model.load_state_dict(load_state_dict_file(weights), strict=True)
+    model.fc = nn.Identity()
+    return model
+
+
+class InceptionFeatures(nn.Module):
+    """``forward(images) -> (B, 2048)`` float32 pool features for images (B,3,H,W) in [-1, 1]."""
+
+    def __init__(self, weights: str | Path | None = None, *, variant: str = "fidelity",
+                 allow_download: bool = False) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}.")
+        path = resolve_weights(weights, VARIANTS[variant], allow_download=allow_download)
+        self.variant = variant
+        if variant == "fidelity":
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            if path is not None:
+                load_state_dict_file(path)  # torch-fidelity unpickles with weights_only=False: vet the file first
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                         feature_extractor_weights_path=None if path is None
+                                                         else str(path))
+        else:
+            from torchvision.models import Inception_V3_Weights
+
+            self.model = _torchvision_inception(path)
+            self.preprocess = Inception_V3_Weights.IMAGENET1K_V1.transforms()
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B,3,H,W) in [-1,1], got shape {tuple(images.shape)}.")
+        unit = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        if self.variant == "fidelity":
+            return self.model((unit * 255.0).round().to(torch.uint8))[0]
+        return self.model(self.preprocess(unit)).float()
+
+
+def save_random_inception_weights(path: str | Path, *, variant: str = "fidelity", seed: int = 0) -> Path:
+    """Write randomly initialised Inception-v3 weights in ``variant``'s layout (tests and benchmarks only)."""
+    import torchvision.models as tvm
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if variant == "fidelity":  # torch-fidelity's module names equal torchvision's; its fc has 1008 classes
+            model = tvm.inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008)
+        else:
+            model = tvm.inception_v3(weights=None, aux_logits=True, init_weights=True)
+        # calibrate the batch-norm statistics on random inputs so features stay O(1) instead of exploding
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = None
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(4, 3, 299, 299) * 2 - 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,85 @@
+"""LPIPS (Zhang et al. 2018) through the reference ``lpips`` package, with explicit backbone weights.
+
+The linear heads (``lpips/weights/v0.1/{alex,vgg,squeeze}.pth``) ship inside the ``lpips`` wheel; the
+ImageNet backbone is a torchvision model that ``lpips`` would download. Here it is loaded from
+``backbone_weights`` (a torchvision state dict, e.g. ``alexnet-owt-7be5be79.pth``) or downloaded only with
+``allow_download=True``. Backbones: ``alex`` (default; ASUKA ``cal_psnr_lpips_ssim.py`` and MAT), ``vgg``
+(LaMa), ``squeeze`` (BrushNet) — always report the backbone with the number (:attr:`LPIPS.name`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .weights import WeightSource, load_state_dict_file, resolve_weights
+
+BACKBONES = {
+    # lpips name: (torchvision builder, torchvision weights enum name, file name of the torchvision release)
+    "alex": ("alexnet", "AlexNet_Weights", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16", "VGG16_Weights", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights",
+                "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
+}
+
+
+def _source(net: str) -> WeightSource:
+    return WeightSource(f"LPIPS-{net} (torchvision {BACKBONES[net][0]} ImageNet backbone)", "--lpips-weights",
+                        BACKBONES[net][2])
+
+
+def _torchvision_backbone(net: str, weights: Path | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    builder, enum_name, _ = BACKBONES[net]
+    if weights is None:  # explicit --allow-download
+        return getattr(tvm, builder)(weights=getattr(tvm, enum_name).IMAGENET1K_V1)
+    model = getattr(tvm, builder)(weights=None)
+    state = load_state_dict_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith("features.")]  # lpips uses only `features`
+    if missing:
+        raise KeyError(f"--lpips-weights {str(weights)!r} is not a torchvision {builder} state dict: "
+                       f"missing {missing[:8]}, unexpected {list(unexpected)[:8]}.")
+    return model
+
+
+class LPIPS(nn.Module):
+    """Per-image LPIPS distance for images in [-1, 1]; ``forward(pred, target) -> (B,)``."""
+
+    def __init__(self, net: str = "alex", backbone_weights: str | Path | None = None, *,
+                 linear_weights: str | Path | None = None, allow_download: bool = False) -> None:
+        super().__init__()
+        if net not in BACKBONES:
+            raise ValueError(f"net must be one of {sorted(BACKBONES)}, got {net!r}.")
+        path = resolve_weights(backbone_weights, _source(net), allow_download=allow_download)
+        import lpips as lpips_lib
+
+        if linear_weights is not None and not Path(linear_weights).is_file():
+            raise FileNotFoundError(f"linear_weights: no such file {str(linear_weights)!r} (LPIPS v0.1 heads).")
+        self.net_name = net
+        # pnet_rand=True: build the backbone without torchvision's download; its weights are copied below.
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, model_path=None if linear_weights is None
+                                         else str(linear_weights), verbose=False)
+        features = _torchvision_backbone(net, path).features
+        for slice_name, block in self.model.net.named_children():  # slices keep torchvision's layer indices
+            for idx, layer in block.named_children():
+                layer.load_state_dict(features[int(idx)].state_dict())
+        self.requires_grad_(False).eval()
+
+    @property
+    def name(self) -> str:
+        """Metric name including the backbone, e.g. ``lpips_alex``."""
+        return f"lpips_{self.net_name}"
+
+    @torch.no_grad()
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 3:
+            raise ValueError(f"pred and target must both be (B,3,H,W) in [-1,1], got {tuple(pred.shape)} "
+                             f"and {tuple(target.shape)}.")
+        return self.model(pred.float(), target.float()).flatten()
