@@ -1,0 +1,81 @@
+"""Export a training checkpoint as a diffusers ``save_pretrained`` folder.
+
+``python -m trainers.export --ckpt PATH --out checkpoints/mae`` rebuilds the stage module named in the checkpoint
+from its saved hyper-parameters, loads the trained weights (the EMA shadow weights when the run used
+:class:`trainers.ema.EMA`, unless ``--no-ema``), and writes ``module.exportable().save_pretrained(out)``. Works for every
+:class:`trainers.base.StageModule`; frozen parts missing from the checkpoint come from ``module.load_pretrained()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.base import CHECKPOINT_KEY, StageModule
+from trainers.ema import find_ema_state
+
+__all__ = ["export_checkpoint", "load_stage_module", "main"]
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path} is not a file; pass a Lightning .ckpt written by python -m trainers.fit")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint of a trainers.base.StageModule (no {CHECKPOINT_KEY!r} entry)")
+    return checkpoint
+
+
+def load_stage_module(ckpt: str | Path, *, use_ema: bool = True) -> StageModule:
+    """Rebuild the stage module of ``ckpt`` with its trained (or EMA) weights, in eval mode on CPU."""
+    checkpoint = _read_checkpoint(ckpt)
+    module_path, _, class_name = checkpoint[CHECKPOINT_KEY]["module_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), class_name)
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    module: StageModule = cls(**hparams)
+    state = dict(checkpoint["state_dict"])
+    module.check_state_keys(state.keys(), source=f"checkpoint {ckpt}")
+    ema = find_ema_state(checkpoint) if use_ema else None
+    if ema is not None:
+        for name, tensor in ema.items():
+            state[name] = tensor.to(state[name].dtype)
+    exported_prefix = _prefix_of(module, module.exportable())
+    full_keys = set(super(StageModule, module).state_dict().keys())  # frozen parts included
+    if any(key.startswith(exported_prefix) and key not in state for key in full_keys):
+        module.load_pretrained()  # the exported model has frozen parts that live outside the checkpoint
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+    """Write the exportable model of ``ckpt`` to ``out`` with ``save_pretrained``; returns ``out``."""
+    module = load_stage_module(ckpt, use_ema=use_ema)
+    out = Path(out)
+    module.exportable().save_pretrained(out)
+    return out
+
+
+def _prefix_of(module: torch.nn.Module, child: torch.nn.Module) -> str:
+    for name, sub in module.named_modules():
+        if sub is child:
+            return f"{name}." if name else ""
+    raise ValueError(f"{type(module).__name__}.exportable() must return one of its own submodules")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainers.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by python -m trainers.fit")
+    parser.add_argument("--out", required=True, help="output folder for save_pretrained")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.ckpt, args.out, use_ema=not args.no_ema)
+    print(f"exported {args.ckpt} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
