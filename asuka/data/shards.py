@@ -1,0 +1,148 @@
+"""Webdataset shard helpers: clean keys, writing with a manifest, image decoding.
+
+A sample is a dict with ``__key__`` and fields by extension (``jpg``/``png``: encoded image bytes,
+``json``: metadata). Keys never contain dots (webdataset splits the extension at the first dot of
+the basename) nor slashes. Every shard directory gets a ``manifest.json``::
+
+    {"format": "asuka-shards-v1", "splits": {"train": {"samples": N, "shards": [
+        {"name": "train-000000.tar", "samples": 100, "bytes": ..., "sha256": "..."}, ...]}},
+     "skipped": {"train": 0}, ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "clean_key", "unique_keys", "encode_image", "decode_image", "resize_short_side", "write_shards",
+    "describe_shard", "write_manifest", "read_manifest", "manifest_shards", "MANIFEST_NAME", "IMAGE_EXTENSIONS",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "asuka-shards-v1"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def clean_key(text: str) -> str:
+    """A webdataset-safe key: every run of characters outside ``[A-Za-z0-9_-]`` (dots, slashes,
+    spaces, ...) becomes one ``_``."""
+    key = _BAD_KEY_CHARS.sub("_", text).strip("_")
+    return key or "sample"
+
+
+def unique_keys(names: Iterable[str]) -> Iterator[str]:
+    """Clean keys, de-duplicated by appending ``_1``, ``_2``, ... (stable for a given input order)."""
+    seen: set[str] = set()
+    for name in names:
+        base = key = clean_key(name)
+        i = 0
+        while key in seen:
+            i += 1
+            key = f"{base}_{i}"
+        seen.add(key)
+        yield key
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
+    """Encode an RGB uint8 (H,W,3) array as ``jpg``/``png``/``webp`` bytes."""
+    fmt = fmt.lower()
+    params = {"jpg": [cv2.IMWRITE_JPEG_QUALITY, quality], "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+              "webp": [cv2.IMWRITE_WEBP_QUALITY, quality], "png": [cv2.IMWRITE_PNG_COMPRESSION, 3]}
+    if fmt not in params:
+        raise ValueError(f"image format must be one of {sorted(params)}, got {fmt!r}")
+    ok, buf = cv2.imencode("." + fmt, np.ascontiguousarray(rgb[..., ::-1]), params[fmt])
+    if not ok:
+        raise ValueError(f"could not encode an image of shape {rgb.shape} as {fmt}")
+    return buf.tobytes()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to RGB uint8 (H,W,3); grey and RGBA become RGB. Raises ValueError on bad data."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError("undecodable image bytes")
+    return np.ascontiguousarray(arr[..., ::-1])
+
+
+def resize_short_side(rgb: np.ndarray, size: int | None) -> tuple[np.ndarray, float]:
+    """Downscale (area) so the shorter side is ``size``; never upscales. Returns (image, scale)."""
+    h, w = rgb.shape[:2]
+    if size is None or min(h, w) <= size:
+        return rgb, 1.0
+    scale = size / min(h, w)
+    out = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return out, scale
+
+
+def describe_shard(path: str | Path) -> dict:
+    """Manifest entry of one tar shard: name, number of samples (distinct keys), bytes, sha256."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    with tarfile.open(path) as tar:
+        keys = {m.name.split("/")[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+    return {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "train", *, maxcount: int = 1000,
+                 maxsize: float = 3e9) -> list[Path]:
+    """Write ``samples`` with ``webdataset.ShardWriter`` to ``out_dir/{prefix}-%06d.tar``; returns the paths."""
+    import webdataset as wds
+
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with wds.ShardWriter(str(out_dir / f"{clean_key(prefix)}-%06d.tar"), maxcount=maxcount, maxsize=maxsize,
+                         verbose=0, post=lambda fname: written.append(Path(fname))) as sink:
+        for sample in samples:
+            key = sample["__key__"]
+            if key != clean_key(key):
+                raise ValueError(f"sample key {key!r} is not clean (use asuka.data.shards.clean_key)")
+            sink.write(sample)
+    return sorted(written)
+
+
+def write_manifest(out_dir: str | Path, splits: dict[str, list[Path]], *, skipped: dict[str, int] | None = None,
+                   extra: dict | None = None) -> Path:
+    """Describe every shard of every split in ``out_dir/manifest.json``."""
+    out_dir = Path(out_dir)
+    manifest = {"format": MANIFEST_FORMAT, "splits": {}, "skipped": dict(skipped or {}), **(extra or {})}
+    for name, paths in splits.items():
+        entries = [describe_shard(p) for p in paths]
+        manifest["splits"][name] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+    path = out_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir}; build the shards first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def manifest_shards(out_dir: str | Path, split: str) -> list[str]:
+    """Absolute shard paths of ``split`` listed in ``out_dir``'s manifest."""
+    manifest = read_manifest(out_dir)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} not in {out_dir}/{MANIFEST_NAME}; it has {sorted(manifest['splits'])}")
+    return [str(Path(out_dir, e["name"]).resolve()) for e in manifest["splits"][split]["shards"]]

@@ -1,0 +1,233 @@
+"""``InpaintingDataModule``: webdataset shards -> canonical inpainting batches, for LightningCLI.
+
+Batches are dicts: ``image`` (B,3,H,W) in [-1,1], ``mask`` (B,1,H,W) with 1 = hole, ``masked_image``
+= image * (1 - mask), ``key`` (list[str]), ``skipped`` (int64 scalar: corrupt samples the producing
+worker skipped since its previous batch) and, per entry of ``paired_image_keys``, one more image
+tensor with the identical crop and flip plus a ``<name>_present`` bool (B,) vector.
+
+Training streams forever from resampled shards split by rank and worker (:mod:`asuka.data.pipeline`);
+``epoch_batches`` is applied with ``with_epoch`` on the ``WebLoader``, so every rank yields exactly
+that many batches per epoch and DDP never waits on a rank with fewer shards. Masks and crops are
+seeded per rank, per worker and per epoch from ``seed``. Resuming restores weights and optimizer,
+not the stream position ("resume = fresh stream").
+
+Validation reads ``val_shards`` once, in order, with centre crops and masks seeded by the sample
+key: the same images and masks on every run, every rank (the set is meant to be small).
+
+``skipped_samples`` (datamodule attribute, summed in ``on_before_batch_transfer`` on the host from
+the per-batch ``skipped`` field, so no device sync) is the number of corrupt samples skipped so far
+by this rank's training and validation streams; log it from the LightningModule, e.g.
+``self.log("data/skipped", float(self.trainer.datamodule.skipped_samples))``.
+
+With ``train_shards: null`` the bundled sample set (:func:`asuka.data.samples.ensure_sample_shards`)
+is used for training and validation, so ``python -m trainers.fit`` runs offline out of the box.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from lightning.pytorch import LightningDataModule
+
+from asuka.data.pipeline import train_pipeline, val_pipeline
+from asuka.data.samples import ensure_sample_shards
+from asuka.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME, manifest_shards
+from asuka.masks import get_mask_generator
+
+__all__ = ["InpaintingDataModule", "resolve_shards"]
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://")
+
+
+def resolve_shards(spec: list[str] | str, *, split: str, name: str) -> list[str]:
+    """Expand a shard spec: a list of paths/URLs, a brace pattern (``train-{000000..000099}.tar``),
+    or a folder holding a ``manifest.json`` (its ``split`` shards). Local files must exist."""
+    if isinstance(spec, (str, Path)):
+        spec = str(spec)
+        if os.path.isdir(spec):
+            if not os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
+                raise FileNotFoundError(f"{name}={spec!r} is a folder without {MANIFEST_NAME}; pass shard paths, "
+                                        "a brace pattern, or a folder written by `python -m asuka.data.make_shards`")
+            return manifest_shards(spec, split)
+        urls = wds.shardlists.expand_urls(spec)
+    else:
+        urls = [u for s in spec for u in wds.shardlists.expand_urls(str(s))]
+    if not urls:
+        raise ValueError(f"{name} is empty; pass at least one shard")
+    missing = [u for u in urls if not u.startswith(_REMOTE_PREFIXES) and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[:3]}")
+    return urls
+
+
+class InpaintingDataModule(LightningDataModule):
+    """Inpainting batches from webdataset shards (module docstring).
+
+    Args:
+        train_shards: shard paths / URLs, a brace pattern, or a folder with a manifest; None = the
+            bundled sample set (then ``val_shards`` defaults to its validation split).
+        val_shards: the fixed validation shards (same forms); None = no validation, unless
+            ``train_shards`` is None.
+        resolution: crop size of the stage (MAE 256, aligner 512, decoder 256).
+        batch_size: per-device batch size; ``val_batch_size`` defaults to it.
+        num_workers: DataLoader workers per rank for training; ``val_num_workers`` defaults to it.
+        mask_recipe: a named recipe of :func:`asuka.masks.get_mask_generator` (``asuka_train``,
+            ``misato_eval``, ``lama_thick_256``, ...); ``mask_options`` are its overrides.
+        val_mask_recipe / val_mask_options: the validation masks (default: the training recipe).
+        object_masks: object-shape source for recipes with object masks (COCO ``.json``, folder of
+            PNGs, shape-bank ``.npz``); None = the bundled demo shapes.
+        crop_scale / crop_ratio: random-resized-crop area and aspect ranges (MAE-FAR: (0.2, 1.0)).
+        hflip: horizontal-flip probability.
+        shuffle_buffer / shuffle_initial: sample shuffle buffer per worker.
+        epoch_batches: batches per epoch on every rank (``with_epoch`` on the loader).
+        val_samples: cap on validation samples (None = all).
+        seed: base seed of shard choice, shuffling, crops and masks (and of the validation masks).
+        image_keys: sample fields tried, in order, for the image.
+        paired_image_keys: ``{sample field: batch name}``, e.g. ``{"aug.png": "aug_image"}``: extra
+            images stored in the same sample that get the same crop and flip as ``image``.
+        paired_missing: ``"image"`` (a sample without the field uses its own image, ``<name>_present``
+            False) or ``"skip"`` (such samples are skipped as corrupt).
+        max_failure_ratio: the stream stops with an error when more than this share of (at least
+            20) attempts fail.
+        sample_root: where the bundled sample set is built (default ``~/.cache/asuka``).
+        pin_memory: DataLoader ``pin_memory`` (None = when CUDA is available); ``persistent_workers``
+            likewise.
+    """
+
+    def __init__(
+        self,
+        train_shards: list[str] | str | None = None,
+        val_shards: list[str] | str | None = None,
+        resolution: int = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_num_workers: int | None = None,
+        mask_recipe: str = "asuka_train",
+        mask_options: dict[str, Any] | None = None,
+        val_mask_recipe: str | None = None,
+        val_mask_options: dict[str, Any] | None = None,
+        object_masks: str | None = None,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        epoch_batches: int = 1000,
+        val_samples: int | None = None,
+        seed: int = 0,
+        image_keys: list[str] | None = None,
+        paired_image_keys: dict[str, str] | None = None,
+        paired_missing: str = "image",
+        max_failure_ratio: float = 0.5,
+        sample_root: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+    ):
+        super().__init__()
+        for arg, value in (("resolution", resolution), ("batch_size", batch_size), ("epoch_batches", epoch_batches)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 < max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in (0, 1], got {max_failure_ratio}")
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        if paired_missing not in ("image", "skip"):
+            raise ValueError(f"paired_missing must be 'image' or 'skip', got {paired_missing!r}")
+        reserved = {"image", "mask", "masked_image", "key", "skipped"}
+        clash = reserved & set((paired_image_keys or {}).values())
+        if clash:
+            raise ValueError(f"paired_image_keys maps to reserved batch names {sorted(clash)}; choose other names")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.resolution, self.batch_size = resolution, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
+        self.mask_recipe, self.mask_options = mask_recipe, dict(mask_options or {})
+        self.val_mask_recipe = val_mask_recipe or mask_recipe
+        self.val_mask_options = dict(val_mask_options if val_mask_options is not None else self.mask_options)
+        self.object_masks = object_masks
+        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), hflip
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.epoch_batches, self.val_samples, self.seed = epoch_batches, val_samples, seed
+        self.image_keys = tuple(image_keys or IMAGE_EXTENSIONS)
+        self.paired_image_keys = dict(paired_image_keys or {})
+        self.paired_missing, self.max_failure_ratio = paired_missing, max_failure_ratio
+        self.sample_root, self.persistent_workers = sample_root, persistent_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skipped_samples = 0
+        self._train_loaders_built = 0  # a rebuilt loader (reload_dataloaders_every_n_epochs) gets new seeds
+        self._train_urls: list[str] | None = None
+        self._val_urls: list[str] = []
+
+    # ------------------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        if self.train_shards is None:
+            ensure_sample_shards(self.sample_root)
+
+    def _mask_generator(self, recipe: str, options: dict):
+        options = dict(options)
+        if self.object_masks is not None and recipe in ("asuka_train", "misato_eval", "object"):
+            options.setdefault("object_masks", self.object_masks)
+        return get_mask_generator(recipe, **options)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train_urls is not None:
+            return
+        if self.train_shards is None:
+            sample = ensure_sample_shards(self.sample_root)
+            self._train_urls = sample["train"]
+            self._val_urls = sample["val"] if self.val_shards is None else resolve_shards(
+                self.val_shards, split="val", name="val_shards")
+        else:
+            self._train_urls = resolve_shards(self.train_shards, split="train", name="train_shards")
+            self._val_urls = [] if self.val_shards is None else resolve_shards(
+                self.val_shards, split="val", name="val_shards")
+        self._train_masks = self._mask_generator(self.mask_recipe, self.mask_options)
+        self._val_masks = self._mask_generator(self.val_mask_recipe, self.val_mask_options)
+
+    # ------------------------------------------------------------------------- dataloaders
+    def _loader(self, pipeline, num_workers: int, seed: int) -> wds.WebLoader:
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
+                             persistent_workers=self.persistent_workers and num_workers > 0,
+                             generator=torch.Generator().manual_seed(seed))
+
+    def train_dataloader(self) -> wds.WebLoader:
+        self.setup("fit")
+        pipeline = train_pipeline(
+            self._train_urls, resolution=self.resolution, batch_size=self.batch_size, mask_generator=self._train_masks,
+            seed=self.seed, shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
+            scale=self.crop_scale, ratio=self.crop_ratio, hflip=self.hflip, image_keys=self.image_keys,
+            paired=self.paired_image_keys, paired_missing=self.paired_missing, max_failure_ratio=self.max_failure_ratio)
+        loader = self._loader(pipeline, self.num_workers, self.seed * 1_000_003 + self._train_loaders_built)
+        self._train_loaders_built += 1
+        return loader.with_epoch(self.epoch_batches).with_length(self.epoch_batches, silent=True)
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        self.setup("validate")
+        if not self._val_urls:
+            return []
+        pipeline = val_pipeline(
+            self._val_urls, resolution=self.resolution, batch_size=self.val_batch_size, mask_generator=self._val_masks,
+            mask_seed=self.seed, image_keys=self.image_keys, paired=self.paired_image_keys,
+            paired_missing=self.paired_missing, max_samples=self.val_samples, max_failure_ratio=self.max_failure_ratio)
+        return self._loader(pipeline, self.val_num_workers, self.seed)
+
+    # ------------------------------------------------------------------------------ hooks
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.skipped_samples += int(batch["skipped"])  # CPU tensor: no device sync
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"skipped_samples": self.skipped_samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_samples = int(state_dict.get("skipped_samples", 0))
