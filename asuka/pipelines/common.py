@@ -45,14 +45,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from asuka.pipelines.hd import HDStrategy, crop_region, resize_target
+from asuka.pipelines.hd import DEFAULT_MAX_SIZE, HDStrategy, crop_region, resize_target
 
 MASK_THRESHOLD = 0.5
 """A mask pixel is a hole when its value on the [0, 1] scale is >= this (>= 128 for uint8)."""
 
 DEFAULT_MULTIPLE = 8
-DEFAULT_MAX_SIZE = 2048
-"""Longest side (pixels) a method is run at by default; raise it with ``max_size=`` / ``--max-size``."""
 
 _RANGE_TOLERANCE = 1e-3  # float tensors may overshoot [-1, 1] / [0, 1] by this much (then clamped)
 

@@ -14,9 +14,13 @@ Pure geometry, no model: which region of a large image a method sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # kept import-light: the CLI reads the defaults below for ``asuka --help``
+    import torch
+
+DEFAULT_MAX_SIZE = 2048
+"""Longest side (pixels) a method is run at by default; raise it with ``max_size=`` / ``--max-size``."""
 
 HDStrategyName = Literal["original", "crop", "resize"]
 HD_STRATEGIES: tuple[str, ...] = ("original", "crop", "resize")
@@ -45,11 +49,11 @@ class HDStrategy:
 Box = tuple[int, int, int, int]  # (top, bottom, left, right), bottom/right exclusive
 
 
-def hole_bbox(mask: torch.Tensor) -> Box | None:
+def hole_bbox(mask: "torch.Tensor") -> Box | None:
     """Bounding box of all hole pixels (mask > 0.5) over the whole batch; ``None`` when there is no hole."""
     hole = mask.detach().reshape(-1, *mask.shape[-2:]).gt(0.5).any(dim=0)
-    rows = torch.nonzero(hole.any(dim=1)).flatten()
-    cols = torch.nonzero(hole.any(dim=0)).flatten()
+    rows = hole.any(dim=1).nonzero().flatten()
+    cols = hole.any(dim=0).nonzero().flatten()
     if rows.numel() == 0:
         return None
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -61,7 +65,7 @@ def expand_box(box: Box, margin: int, height: int, width: int) -> Box:
     return max(0, top - margin), min(height, bottom + margin), max(0, left - margin), min(width, right + margin)
 
 
-def crop_region(mask: torch.Tensor, strategy: HDStrategy) -> Box | None:
+def crop_region(mask: "torch.Tensor", strategy: HDStrategy) -> Box | None:
     """The box the ``crop`` strategy processes, or ``None`` when the whole image is processed."""
     height, width = mask.shape[-2:]
     if strategy.name != "crop" or max(height, width) <= strategy.trigger_size:

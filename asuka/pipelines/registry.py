@@ -1,0 +1,113 @@
+"""One registry of inference methods by name (``sd``, ``asuka``, ...), used by ``asuka inpaint --method NAME``
+and ``asuka evaluate --method NAME``.
+
+A method joins with one decorator in its own module, which must be ``asuka/pipelines/<name>.py``
+(dashes in the name become underscores) so it is found and imported only when asked for::
+
+    # asuka/pipelines/mymethod.py
+    from asuka.pipelines.registry import register_method
+
+    @register_method("mymethod", default_model=lambda: "org/weights", description="one line")
+    def build(model: str, *, device: torch.device, dtype: torch.dtype) -> InpaintRunner:
+        ...
+
+A builder loads the weights named by ``model`` (a folder or a hub id) and returns an :class:`InpaintRunner`:
+a callable ``runner(image (B,3,H,W) [-1,1], mask (B,1,H,W) {0,1}, *, generator, **options) -> (B,3,H,W) [-1,1]``
+with an attribute ``multiple`` (the size multiple it needs, 8 or 64). ``options`` are the method's own knobs
+(``num_inference_steps``, ``prompt``, ``guidance_scale``...); a runner rejects ones it does not know. Runners
+are driven through :func:`asuka.pipelines.common.run_inpainting`, which does the I/O, sizes and paste-back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from asuka.pipelines.common import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+_INFRASTRUCTURE = frozenset({"common", "registry", "hd"})  # modules of asuka.pipelines that register nothing
+
+
+class InpaintRunner(Protocol):
+    """What a method's builder returns."""
+
+    multiple: int
+
+    def __call__(self, image: "torch.Tensor", mask: "torch.Tensor", *, generator: "torch.Generator | None" = None,
+                 **options: Any) -> "torch.Tensor": ...
+
+
+Builder = Callable[..., InpaintRunner]
+
+
+@dataclass(frozen=True)
+class InpaintMethod:
+    """A registered method: its name, builder, default weights and a one-line description."""
+
+    name: str
+    build: Builder
+    default_model: Callable[[], str | Path] | None = None
+    description: str = ""
+
+    def load(self, model: str | Path | None = None, *, device: "torch.device | str" = "cpu",
+             dtype: "torch.dtype | None" = None) -> InpaintRunner:
+        """Build the runner from ``model`` (a folder or hub id; the method's default when ``None``)."""
+        import torch
+
+        if model is None:
+            if self.default_model is None:
+                raise InputError(f"--model: method {self.name!r} has no default weights; pass a folder or hub id")
+            model = self.default_model()
+        return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
+
+
+_METHODS: dict[str, InpaintMethod] = {}
+
+
+def register_method(name: str, *, default_model: Callable[[], str | Path] | None = None,
+                    description: str = "") -> Callable[[Builder], Builder]:
+    """Decorator registering ``build(model, *, device, dtype) -> InpaintRunner`` under ``name``."""
+
+    def decorator(build: Builder) -> Builder:
+        if name in _METHODS and _METHODS[name].build is not build:
+            raise ValueError(f"inference method {name!r} is already registered by {_METHODS[name].build.__module__}")
+        _METHODS[name] = InpaintMethod(name, build, default_model, description or (build.__doc__ or "").strip()
+                                       .split("\n")[0])
+        return build
+
+    return decorator
+
+
+def _module_for(name: str) -> str:
+    return f"asuka.pipelines.{name.replace('-', '_')}"
+
+
+def get_method(name: str) -> InpaintMethod:
+    """The method registered as ``name``, importing ``asuka.pipelines.<name>`` on first use."""
+    if name not in _METHODS:
+        module = _module_for(name)
+        if name.replace("-", "_").isidentifier() and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    if name not in _METHODS:
+        raise InputError(f"--method: unknown inference method {name!r}; available: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    """Names of all methods, importing every method module of ``asuka.pipelines``."""
+    import asuka.pipelines as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    return sorted(_METHODS)
+
+
+__all__ = ["InpaintMethod", "InpaintRunner", "register_method", "get_method", "available_methods"]
