@@ -10,7 +10,8 @@ small sets still get a value — the report records the size used.
 from __future__ import annotations
 
 import torch
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+import numpy as np
+from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 
@@ -21,12 +22,18 @@ def _features(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().cpu().double()
 
 
+def gaussian_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean and unbiased covariance (float64, covariance at least 2-D) of (N, D) features."""
+    x = _features(features, "features").numpy()
+    return {"mu": x.mean(axis=0), "sigma": np.atleast_2d(np.cov(x, rowvar=False))}
+
+
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted (in float64) to two feature sets (N, D)."""
     r, f = _features(real, "real"), _features(fake, "fake")
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"real and fake features differ in width: {r.shape[1]} vs {f.shape[1]}.")
-    out = fid_statistics_to_metric(fid_features_to_statistics(r), fid_features_to_statistics(f), verbose=False)
+    out = fid_statistics_to_metric(gaussian_statistics(r), gaussian_statistics(f), verbose=False)
     return float(out["frechet_inception_distance"])
 
 

@@ -31,20 +31,28 @@ def _source(net: str) -> WeightSource:
                         BACKBONES[net][2])
 
 
-def _torchvision_backbone(net: str, weights: Path | None) -> nn.Module:
-    import torchvision.models as tvm
-
-    builder, enum_name, _ = BACKBONES[net]
+def _backbone_state(net: str, weights: Path | None) -> dict[str, torch.Tensor]:
+    """The torchvision ``features.*`` tensors of the backbone (downloaded only when ``weights`` is None)."""
     if weights is None:  # explicit --allow-download
-        return getattr(tvm, builder)(weights=getattr(tvm, enum_name).IMAGENET1K_V1)
-    model = getattr(tvm, builder)(weights=None)
-    state = load_state_dict_file(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith("features.")]  # lpips uses only `features`
-    if missing:
-        raise KeyError(f"--lpips-weights {str(weights)!r} is not a torchvision {builder} state dict: "
-                       f"missing {missing[:8]}, unexpected {list(unexpected)[:8]}.")
-    return model
+        import torchvision.models as tvm
+
+        builder, enum_name, _ = BACKBONES[net]
+        return getattr(tvm, builder)(weights=getattr(tvm, enum_name).IMAGENET1K_V1).state_dict()
+    return load_state_dict_file(weights)
+
+
+def _load_slices(slices: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``features.<i>.*`` into lpips' slices, whose children keep torchvision's layer index ``<i>``."""
+    for block in slices.children():
+        for idx, layer in block.named_children():
+            expected = layer.state_dict().keys()
+            if not expected:
+                continue
+            missing = [f"features.{idx}.{k}" for k in expected if f"features.{idx}.{k}" not in state]
+            if missing:
+                raise KeyError(f"{source} is not a torchvision {slices.__class__.__name__} state dict: "
+                               f"missing {missing}.")
+            layer.load_state_dict({k: state[f"features.{idx}.{k}"] for k in expected})
 
 
 class LPIPS(nn.Module):
@@ -66,10 +74,7 @@ class LPIPS(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, model_path=None if linear_weights is None
                                          else str(linear_weights), verbose=False)
-        features = _torchvision_backbone(net, path).features
-        for slice_name, block in self.model.net.named_children():  # slices keep torchvision's layer indices
-            for idx, layer in block.named_children():
-                layer.load_state_dict(features[int(idx)].state_dict())
+        _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
         self.requires_grad_(False).eval()
 
     @property
