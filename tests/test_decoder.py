@@ -197,3 +197,84 @@ def test_sd_inpaint_pipeline_hands_image_and_mask(tiny_inpaint_dir, tmp_path):
         plain = decoder.decode(latents / decoder.config.scaling_factor).sample
     torch.testing.assert_close(out, (manual / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out, (plain / 2 + 0.5).clamp(0, 1), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- converters
+def _to_ldm(state: dict[str, torch.Tensor], levels: int = 4) -> dict[str, torch.Tensor]:
+    """diffusers names -> LDM names (Asymmetric VQGAN ``my_decoder.py`` / ASUKA ``asuka_decoder.py`` layout)."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        new = key.replace("decoder.condition_encoder.", "decoder.encoder.")
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.", new)
+        for a, b in (("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                     ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."),
+                     ("mid_block.attentions.0.to_q.", "mid.attn_1.q."), ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
+                     ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
+                     ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."), ("down_blocks.", "down."),
+                     (".resnets.", ".block."), (".downsamplers.0.", ".downsample."), (".upsamplers.0.", ".upsample."),
+                     (".conv_shortcut.", ".nin_shortcut."), ("conv_norm_out.", "norm_out.")):
+            new = new.replace(a, b)
+        if ".mid.attn_1." in new and new.endswith("weight") and "norm" not in new:
+            value = value[:, :, None, None]  # LDM attention projections are 1x1 convs
+        out[new] = value.clone()
+    return out
+
+
+LDM_KEYS = ("decoder.up.0.block.2.conv2.weight", "decoder.up.3.upsample.conv.weight", "decoder.mid.attn_1.q.weight",
+            "decoder.mid.attn_1.proj_out.bias", "decoder.encoder.layers.4.weight", "decoder.up.1.block.0.nin_shortcut.weight",
+            "decoder.norm_out.weight", "decoder.conv_in.weight", "encoder.down.0.downsample.conv.weight",
+            "encoder.mid.block_1.norm1.weight", "encoder.norm_out.bias", "quant_conv.weight", "post_quant_conv.bias")
+
+
+def test_asymmetric_vqgan_checkpoint_converts_strictly(vae, tmp_path):
+    from asuka.models.convert import load_harmonizing_decoder_checkpoint
+
+    source = HarmonizingDecoderKL.from_vae(vae, condition_channels=3, mask_downsample="nearest")
+    _randomize(source.decoder, 6)
+    ldm = _to_ldm(source.state_dict())
+    assert all(k in ldm for k in LDM_KEYS) and ldm["decoder.mid.attn_1.q.weight"].ndim == 4
+    ldm["decoder.up_layers.0.deconv.weight"] = torch.zeros(32, 32, 4, 4)  # unused in forward: dropped
+    ldm["loss.logvar"] = torch.zeros(())  # training-only loss module: dropped
+    torch.save({"state_dict": ldm, "global_step": 3}, tmp_path / "base.ckpt")
+    model = load_harmonizing_decoder_checkpoint(tmp_path / "base.ckpt", norm_num_groups=4)
+    assert model.config.condition_channels == 3 and model.config.mask_downsample == "nearest"
+    ref = _asym_reference(source)
+    z, image, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.decode(z, image=image, mask=mask).sample, ref.decode(z, image=image, mask=mask).sample)
+    asuka = HarmonizingDecoderKL.from_vae(model)  # the ASUKA variant from the [62] base: zero mask channel
+    assert torch.all(asuka.decoder.condition_encoder.layers[0].weight[:, 3] == 0)
+
+
+def test_asuka_decoder_checkpoint_with_decoder_keys_only(vae):
+    from asuka.models.convert import load_harmonizing_decoder_checkpoint
+
+    source = HarmonizingDecoderKL.from_vae(vae).eval()
+    _randomize(source.decoder, 7)
+    decoder_only = {k: v for k, v in _to_ldm(source.state_dict()).items() if k.startswith("decoder.")}
+    with pytest.raises(ValueError, match="pass vae="):
+        load_harmonizing_decoder_checkpoint({"state_dict": decoder_only})
+    model = load_harmonizing_decoder_checkpoint({"state_dict": decoder_only}, vae=vae)
+    assert model.config.condition_channels == 4 and model.config.mask_downsample == "area_any"
+    z, image, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.decode(z, image=image, mask=mask).sample,
+                           source.decode(z, image=image, mask=mask).sample)
+
+
+def test_converter_names_missing_and_unexpected_keys(vae):
+    from asuka.models.convert import StateDictMismatchError, load_harmonizing_decoder_checkpoint
+
+    ldm = _to_ldm(HarmonizingDecoderKL.from_vae(vae).state_dict())
+    del ldm["decoder.up.0.block.1.conv1.weight"]
+    ldm["decoder.mid.attn_2.q.weight"] = torch.zeros(1)
+    with pytest.raises(StateDictMismatchError) as info:
+        load_harmonizing_decoder_checkpoint(ldm, norm_num_groups=4)
+    assert "decoder.up_blocks.3.resnets.1.conv1.weight" in str(info.value)
+    assert "decoder.mid.attn_2.q.weight" in str(info.value)
+    with pytest.raises(ValueError, match="no LDM decoder keys"):
+        load_harmonizing_decoder_checkpoint({"encoder.conv_in.weight": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError):
+        load_harmonizing_decoder_checkpoint("/nonexistent/base.ckpt")

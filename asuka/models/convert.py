@@ -36,6 +36,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from diffusers import AutoencoderKL
+
+from asuka.models.decoder import HarmonizingDecoderKL, identity_conv1x1
 from asuka.models.mae import MAEPrior, sincos_pos_embed_2d
 
 PathLike = Union[str, os.PathLike]
@@ -262,3 +265,144 @@ def mae_prior_from_official_mae(checkpoint: Union[PathLike, Mapping[str, torch.T
     state = convert_official_mae_state_dict(raw, grid_size=grid_size, seed=seed, source=source)
     config = mae_config_from_state_dict(state, source=source, norm_pix_loss=norm_pix_loss, **config_overrides)
     return load_strict(MAEPrior(**config), state, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Harmonizing decoder: Asymmetric VQGAN and ASUKA checkpoints (LDM key layout) -> HarmonizingDecoderKL
+# Facts: specs/asuka.md §1.1.3, §1.2, §3. LDM names: ``{encoder,decoder}.conv_in``, ``down.{i}.block.{j}``,
+# ``down.{i}.downsample.conv``, ``mid.block_{1,2}``, ``mid.attn_1.{norm,q,k,v,proj_out}`` (1x1 convs),
+# ``up.{i}.block.{j}`` (``up.0`` is the full-resolution level, diffusers' last up block),
+# ``up.{i}.upsample.conv``, ``norm_out``, ``conv_out``, ``nin_shortcut``; the condition branch is
+# ``decoder.encoder.layers.{k}``. Dropped on purpose: ``decoder.up_layers.*`` (ConvTranspose2d stack that
+# only derives channel counts, never used in forward) and ``loss.*`` (LPIPS, discriminator, logvar).
+# --------------------------------------------------------------------------------------------------
+
+_LDM_DROPPED_PREFIXES = ("decoder.up_layers.", "loss.")
+_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _ldm_vae_key(key: str, num_levels: int) -> str:
+    """Rename one LDM VAE key to diffusers' names (unknown layouts come back unchanged)."""
+    key = re.sub(r"^(encoder|decoder)\.down\.(\d+)\.block\.", r"\1.down_blocks.\2.resnets.", key)
+    key = re.sub(r"^(encoder|decoder)\.down\.(\d+)\.downsample\.", r"\1.down_blocks.\2.downsamplers.0.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.",
+                 lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
+                 lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.block_([12])\.",
+                 lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.",
+                 lambda m: f"{m.group(1)}.mid_block.attentions.0.{_LDM_ATTENTION[m.group(2)]}.", key)
+    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    key = re.sub(r"^decoder\.encoder\.layers\.", "decoder.condition_encoder.layers.", key)
+    return key.replace(".nin_shortcut.", ".conv_shortcut.")
+
+
+def convert_ldm_harmonizing_decoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM-layout conditional VAE state dict (Asymmetric VQGAN, ASUKA) -> diffusers key names.
+
+    Attention q/k/v/proj_out 1x1-conv weights become linear weights. The known-unused
+    ``decoder.up_layers.*`` and training-only ``loss.*`` entries are dropped; every other key is
+    renamed and later checked strictly against the model.
+    """
+    levels = {int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+    if not levels:
+        raise ValueError("state dict has no LDM decoder keys 'decoder.up.{i}.block.{j}...': not an Asymmetric VQGAN "
+                         "or ASUKA decoder checkpoint")
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_LDM_DROPPED_PREFIXES):
+            continue
+        new = _ldm_vae_key(key, max(levels) + 1)
+        if ".mid_block.attentions.0.to_" in new and new.endswith("weight") and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[new] = value
+    return out
+
+
+def _count(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in state_dict if (m := re.match(pattern, k))})
+
+
+def harmonizing_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Read ``HarmonizingDecoderKL`` widths from a diffusers-named state dict (decoder, and encoder if present)."""
+    needed = ("decoder.conv_in.weight", "decoder.conv_out.weight", "decoder.condition_encoder.layers.0.weight",
+              "decoder.up_blocks.0.resnets.0.conv1.weight")
+    missing = [k for k in needed if k not in state_dict]
+    if missing:
+        raise StateDictMismatchError("decoder state dict", "HarmonizingDecoderKL", missing, [], [],
+                                     "not a conditional (Asymmetric VQGAN / ASUKA) decoder checkpoint")
+    levels = _count(state_dict, r"decoder\.up_blocks\.(\d+)\.")
+    up = [state_dict[f"decoder.up_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+    config = dict(
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        up_block_out_channels=tuple(reversed(up)),
+        layers_per_up_block=_count(state_dict, r"decoder\.up_blocks\.0\.resnets\.(\d+)\.") - 1,
+        latent_channels=state_dict["decoder.conv_in.weight"].shape[1],
+        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+        condition_channels=state_dict["decoder.condition_encoder.layers.0.weight"].shape[1],
+    )
+    down_levels = _count(state_dict, r"encoder\.down_blocks\.(\d+)\.")
+    if down_levels:
+        config.update(
+            down_block_types=("DownEncoderBlock2D",) * down_levels,
+            down_block_out_channels=tuple(state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                          for i in range(down_levels)),
+            layers_per_down_block=_count(state_dict, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+            in_channels=state_dict["encoder.conv_in.weight"].shape[1],
+        )
+    return config
+
+
+def load_harmonizing_decoder_checkpoint(
+    checkpoint: str | Path | Mapping[str, torch.Tensor],
+    *,
+    vae: Optional[AutoencoderKL] = None,
+    mask_downsample: str | None = None,
+    identity_quant_convs: bool = False,
+    **config,
+) -> HarmonizingDecoderKL:
+    """Build a ``HarmonizingDecoderKL`` from an Asymmetric VQGAN or ASUKA checkpoint (LDM layout), strictly.
+
+    ``checkpoint``: a ``.ckpt`` path (a Lightning checkpoint, read with ``weights_only=True``; its
+    ``state_dict`` is used) or a state dict. The condition input (3 = Asymmetric VQGAN, 4 = ASUKA) is
+    read from the weights; ``mask_downsample`` defaults to ``"nearest"`` for 3 channels ([62]) and
+    ``"area_any"`` for 4 (ASUKA). Checkpoints with only ``decoder.*`` keys (as ASUKA's demo loads
+    them) take encoder and quant convs from ``vae``, the SD ``AutoencoderKL`` they were trained on.
+    ASUKA's released checkpoint is the FLUX port (``z_channels`` 16, FLUX AE without quant convs):
+    load it with the FLUX VAE as ``vae`` or with ``identity_quant_convs=True``; the SD-1.5 decoder has
+    ``z_channels`` 4. Every model parameter must come from the checkpoint (or ``vae``) and every
+    checkpoint key must be used; otherwise :class:`StateDictMismatchError` lists the missing, unexpected and
+    mis-shaped names.
+    ``config`` overrides other ``HarmonizingDecoderKL`` settings (e.g. ``scaling_factor``).
+    """
+    source_name = str(checkpoint) if not isinstance(checkpoint, Mapping) else "decoder state dict"
+    raw = (unwrap_state_dict(checkpoint, "state_dict", source=source_name) if isinstance(checkpoint, Mapping)
+           else read_checkpoint(checkpoint, key="state_dict"))
+    converted = convert_ldm_harmonizing_decoder(raw)
+    inferred = harmonizing_config_from_state_dict(converted)
+    if "encoder.conv_in.weight" not in converted:
+        if vae is None:
+            raise ValueError("checkpoint has no encoder.* keys; pass vae= (the AutoencoderKL it was trained with) "
+                             "to supply the encoder and quant convs")
+        base = HarmonizingDecoderKL.from_vae(vae, condition_channels=inferred["condition_channels"])
+        source = {k: v for k, v in base.state_dict().items() if not k.startswith("decoder.")}
+        inferred.update(down_block_types=tuple(vae.config.down_block_types), in_channels=vae.config.in_channels,
+                        down_block_out_channels=tuple(base.config.down_block_out_channels),
+                        layers_per_down_block=base.config.layers_per_down_block,
+                        norm_num_groups=vae.config.norm_num_groups, scaling_factor=vae.config.scaling_factor)
+        converted = {**source, **converted}
+    if mask_downsample is None:
+        mask_downsample = "area_any" if inferred["condition_channels"] == inferred["out_channels"] + 1 else "nearest"
+    model = HarmonizingDecoderKL(**{**inferred, **config, "mask_downsample": mask_downsample})
+    if identity_quant_convs:
+        for name in ("quant_conv", "post_quant_conv"):
+            weight = getattr(model, name).weight
+            if f"{name}.weight" in converted:
+                raise ValueError(f"identity_quant_convs=True but the checkpoint has {name}; leave it False")
+            converted[f"{name}.weight"] = identity_conv1x1(weight)
+            converted[f"{name}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    load_strict(model, converted, source=source_name,
+                hint="an LDM-layout Asymmetric VQGAN / ASUKA decoder checkpoint is expected (keys decoder.up.{i}.block.{j}.*, "
+                     "decoder.encoder.layers.{k}.*, quant convs unless identity_quant_convs=True)")
+    return model.eval()

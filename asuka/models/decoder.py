@@ -222,7 +222,7 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
                   and not k.startswith("decoder.condition_encoder.layers.0.weight")}
         for name in ("quant_conv", "post_quant_conv"):
             if f"{name}.weight" not in source:  # e.g. VAEs configured with use_quant_conv=False
-                copied[f"{name}.weight"] = _identity_conv1x1(target_state[f"{name}.weight"])
+                copied[f"{name}.weight"] = identity_conv1x1(target_state[f"{name}.weight"])
                 copied[f"{name}.bias"] = torch.zeros_like(target_state[f"{name}.bias"])
         first = "decoder.condition_encoder.layers.0.weight"
         if copy_decoder and first in source:
@@ -241,5 +241,6 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
         return model
 
 
-def _identity_conv1x1(weight: torch.Tensor) -> torch.Tensor:
+def identity_conv1x1(weight: torch.Tensor) -> torch.Tensor:
+    """The 1x1-conv weight of the identity map, shaped and typed like ``weight``."""
     return torch.eye(weight.shape[0], dtype=weight.dtype)[:, :, None, None]
