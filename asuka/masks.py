@@ -327,6 +327,8 @@ class ObjectShape(_Base):
         box_area = rng.uniform(*self.area_range) * height * width / float(self.bank.fill[i])
         bh = math.sqrt(box_area / aspect)
         bw = aspect * bh
+        shrink = min(1.0, 1.5 * width / bw, 1.5 * height / bh)  # sparse shapes: at most 1.5x the canvas
+        bw, bh = bw * shrink, bh * shrink
         x0 = rng.uniform(min(0.0, width - bw), max(0.0, width - bw))
         y0 = rng.uniform(min(0.0, height - bh), max(0.0, height - bh))
         polys = self.bank.polygons(i, x0, y0, bw, bh, flip_x=rng.random() < 0.5, flip_y=rng.random() < 0.5)
@@ -438,10 +440,11 @@ class AsukaMixture(_Base):
         return self.irregular[int(rng.choice(len(self.irregular), p=self._w))].draw(height, width, rng)
 
     def draw_kind(self, kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-        """One candidate of basis ``kind`` (``object`` includes the optional irregular union)."""
-        if kind == "object":
+        """One candidate of basis ``kind``: ``object``, ``object+irregular`` (united), ``irregular``
+        or ``regular`` (uint8, 1 = hole)."""
+        if kind.startswith("object"):
             mask = self._object.draw(height, width, rng)
-            if rng.random() < self.union_prob:
+            if kind == "object+irregular":
                 np.maximum(mask, self._irregular(height, width, rng), out=mask)
             return mask
         if kind == "irregular":
@@ -449,9 +452,12 @@ class AsukaMixture(_Base):
         return self.regular[int(rng.integers(len(self.regular)))].draw(height, width, rng)
 
     def sample(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        """(mask float32 1 = hole, basis kind) — the kind is exposed for tests and statistics."""
+        """(mask float32 1 = hole, basis kind). The basis (and the object/irregular union) is chosen
+        once per mask; out-of-range candidates are redrawn from that basis."""
         _check_args(height, width, rng)
         kind = _MIXTURE_KINDS[int(rng.choice(3, p=self._p))]
+        if kind == "object" and rng.random() < self.union_prob:
+            kind = "object+irregular"
         mask = enforce_hole_ratio(lambda h, w, g: self.draw_kind(kind, h, w, g), int(height), int(width), rng,
                                   self.hole_range, self.max_tries)
         return _to_float(mask), kind

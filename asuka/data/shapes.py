@@ -150,6 +150,22 @@ class ShapeBank:
                 raise ValueError(f"{path} is not a shape bank; missing arrays {sorted(missing)}")
             return cls(**{k: z[k] for k in ("points", "poly_offsets", "shape_offsets", "aspect", "fill")})
 
+    def subset(self, indices: Sequence[int]) -> "ShapeBank":
+        """A bank with only the shapes at ``indices``."""
+        shapes = []
+        for i in indices:
+            j0, j1 = self.shape_offsets[i], self.shape_offsets[i + 1]
+            polys = [self.points[self.poly_offsets[j]:self.poly_offsets[j + 1]] for j in range(j0, j1)]
+            shapes.append((polys, self.aspect[i], self.fill[i]))
+        points = [p for polys, _, _ in shapes for p in polys]
+        poly_sizes = [len(p) for p in points]
+        shape_sizes = [len(polys) for polys, _, _ in shapes]
+        return ShapeBank(points=np.concatenate(points),
+                         poly_offsets=np.concatenate([[0], np.cumsum(poly_sizes)]).astype(np.int64),
+                         shape_offsets=np.concatenate([[0], np.cumsum(shape_sizes)]).astype(np.int64),
+                         aspect=np.asarray([a for _, a, _ in shapes], np.float32),
+                         fill=np.asarray([f for _, _, f in shapes], np.float32))
+
     def polygons(self, index: int, x0: float, y0: float, box_w: float, box_h: float,
                  flip_x: bool = False, flip_y: bool = False) -> list[np.ndarray]:
         """Shape ``index`` as int32 pixel polygons inside the box (x0, y0, box_w, box_h)."""
@@ -199,8 +215,10 @@ def _bundled_binary_masks() -> list[np.ndarray]:
 
 @lru_cache(maxsize=1)
 def bundled_shape_bank() -> ShapeBank:
-    """Demo bank from scikit-image's bundled images (offline; see the module docstring)."""
-    return ShapeBank.from_binary_masks(_bundled_binary_masks())
+    """Demo bank from scikit-image's bundled images (offline; see the module docstring). Shapes
+    covering less than 20 % of their bounding box (thin diagonal fragments) are dropped."""
+    bank = ShapeBank.from_binary_masks(_bundled_binary_masks())
+    return bank.subset(np.flatnonzero(bank.fill >= 0.2))
 
 
 def load_shape_bank(source: "str | Path | ShapeBank | None" = None, *, max_shapes: int | None = None) -> ShapeBank:
@@ -211,13 +229,13 @@ def load_shape_bank(source: "str | Path | ShapeBank | None" = None, *, max_shape
     if source is None or source == "bundled":
         return bundled_shape_bank()
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"object_masks source not found: {path} (pass a COCO .json, a folder of PNGs, "
+                                "a shape-bank .npz, or None for the bundled demo shapes)")
     if path.is_dir():
         return ShapeBank.from_folder(path)
     if path.suffix == ".npz":
         return ShapeBank.load(path)
     if path.suffix == ".json":
         return ShapeBank.from_coco(path, max_shapes=max_shapes)
-    if not path.exists():
-        raise FileNotFoundError(f"object_masks source not found: {path} (pass a COCO .json, a folder of PNGs, "
-                                "a shape-bank .npz, or None for the bundled demo shapes)")
     raise ValueError(f"object_masks={source!r}: expected a COCO .json, a folder of PNGs or a shape-bank .npz")
