@@ -33,6 +33,7 @@ class Subcommand:
 
 SUBCOMMANDS: list[str] = [
     "asuka.cli:INPAINT",
+    "asuka.evaluation.cli:EVALUATE",
 ]
 
 DEMO_SIZE = 256  # the demo photograph is resized to DEMO_SIZE x DEMO_SIZE

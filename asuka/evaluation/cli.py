@@ -1,0 +1,124 @@
+"""``asuka evaluate``: argument parsing only at import time (the work is imported inside ``run``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from asuka.cli import Subcommand
+from asuka.evaluation import METRICS as _METRIC_NAMES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _metric_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(_METRIC_NAMES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {unknown}; choose from {','.join(_METRIC_NAMES)}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_argument_group("what to evaluate")
+    source = what.add_mutually_exclusive_group()
+    source.add_argument("--method", help="run this registered method (see `asuka inpaint --list-methods`); outputs "
+                                         "go to OUT/predictions and finished ones are not recomputed")
+    source.add_argument("--predictions", help="score outputs made elsewhere: a folder of <key>.png (same stems and "
+                                              "sizes as the ground-truth images)")
+    what.add_argument("--merge", action="store_true", help="only merge OUT/shards (after `--shard i/n` jobs) and "
+                                                           "write the reports")
+    what.add_argument("--data", help="MISATO root (DATA/512/image, DATA/512/mask), a MISATO 512/1024 folder, or a "
+                                     "folder with image/ and mask/ subfolders (masks: white = hole, matched by stem)")
+    what.add_argument("--masks", help="mask folder when --data is a plain folder of images")
+    what.add_argument("--resolution", type=int, default=512, choices=(512, 1024), help="MISATO resolution (512)")
+    what.add_argument("--out", required=True, help="output folder (predictions, shard results, reports)")
+    what.add_argument("--limit", type=_positive_int, help="evaluate only the first N items (quick checks)")
+
+    run = p.add_argument_group("running a method")
+    run.add_argument("--model", help="weights folder or hub id (default: the method's)")
+    run.add_argument("--steps", type=_positive_int, help="inference steps (default: the method's)")
+    run.add_argument("--prompt", help="text prompt, for methods that take one")
+    run.add_argument("--guidance-scale", type=float, help="guidance scale (default: the method's)")
+    run.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    run.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default 4)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available, else cpu)")
+    run.add_argument("--shard", help="this process's part i/n (0-based) for independent jobs; under torchrun the "
+                                     "split follows RANK/WORLD_SIZE and rank 0 merges automatically")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+    m = p.add_argument_group("metrics (default: psnr,ssim,grad offline; +lpips with --lpips-weights; +fid,kid,ids "
+                             "with --inception-weights; +clip with --clip-model)")
+    m.add_argument("--metrics", type=_metric_list, help=f"comma list from {','.join(_METRIC_NAMES)}; a listed metric "
+                                                        "whose weights are missing is an error")
+    m.add_argument("--allow-download", action="store_true",
+                   help="let missing LPIPS/Inception backbones download into the torch hub cache (off by default)")
+    m.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex",
+                   help="LPIPS backbone: alex (ASUKA, MAT; default), vgg (LaMa), squeeze (BrushNet)")
+    m.add_argument("--lpips-weights", help="torchvision ImageNet state dict of the LPIPS backbone, e.g. "
+                                           "alexnet-owt-7be5be79.pth from download.pytorch.org/models")
+    m.add_argument("--inception-weights", help="Inception-v3 weights: weights-inception-2015-12-05-6726825d.pth "
+                                               "(torch-fidelity v0.2.0 release) for the default variant")
+    m.add_argument("--inception-variant", choices=("fidelity", "torchvision"), default="fidelity",
+                   help="fidelity: TF-Inception as torch-fidelity/pytorch-fid (comparable FID; default); "
+                        "torchvision: IMAGENET1K_V1 as ASUKA's cal_ids.py (inception_v3_google-0cc3c7bd.pth)")
+    m.add_argument("--ids-pca-dim", type=_positive_int,
+                   help="PCA the Inception features to this many dims before the IDS SVM (ASUKA passes the "
+                        "resolution, 512; Co-Mod-GAN: none, the default)")
+    m.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
+    m.add_argument("--kid-subset-size", type=_positive_int, default=1000,
+                   help="KID subset size (default 1000; clamped to the number of images)")
+    m.add_argument("--ssim-color", choices=("gray", "rgb"), default="gray",
+                   help="SSIM on grayscale (ASUKA; default) or averaged over RGB channels")
+    m.add_argument("--clip-model", help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14) for the CLIP "
+                                        "score between composite and ground truth")
+    m.add_argument("--clip-region", choices=("hole", "full"), default="hole",
+                   help="CLIP on the hole only (both images masked, ASUKA; default) or on the whole images")
+
+
+def run(args: argparse.Namespace) -> int:
+    from asuka.cli import CommandError
+
+    from .distributed import parse_shard
+    from .report import markdown_table
+    from .runner import EvalConfig, evaluate, merge
+    from .scoring import MetricConfig
+
+    if args.merge:
+        if args.method or args.predictions or args.shard:
+            raise CommandError("--merge takes only --out (it merges OUT/shards)")
+        result = merge(args.out)
+    else:
+        if args.data is None:
+            raise CommandError("--data is required (the ground-truth set)")
+        if not (args.method or args.predictions):
+            raise CommandError("pass --method NAME to run a method or --predictions DIR to score existing outputs")
+        try:
+            shard = parse_shard(args.shard) if args.shard else None
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        metrics = MetricConfig(
+            metrics=args.metrics, lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
+            inception_weights=args.inception_weights, inception_variant=args.inception_variant,
+            clip_model=args.clip_model, clip_region=args.clip_region, ssim_gray=args.ssim_color == "gray",
+            ids_pca_dim=args.ids_pca_dim, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+            allow_download=args.allow_download)
+        config = EvalConfig(data=args.data, out=args.out, method=args.method, model=args.model,
+                            predictions=args.predictions, masks=args.masks, resolution=args.resolution,
+                            steps=args.steps, prompt=args.prompt, guidance_scale=args.guidance_scale, seed=args.seed,
+                            batch_size=args.batch_size, limit=args.limit, device=args.device, shard=shard,
+                            progress=args.progress, metrics=metrics)
+        result = evaluate(config)
+    if result is not None:
+        print(markdown_table(result))
+        print("asuka evaluate: wrote " + ", ".join(result["files"].values()))
+    return 0
+
+
+EVALUATE = Subcommand("evaluate", "run a method over an evaluation set (or score existing outputs) and report "
+                                  "PSNR/SSIM/LPIPS/FID/KID/U-IDS/P-IDS/Grad/CLIP, by domain and hole ratio",
+                      add_arguments, run)

@@ -1,0 +1,78 @@
+"""Evaluation reports: ``metrics.json`` (everything), ``metrics.md`` (one table) and ``examples.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from asuka.pipelines.common import MASK_THRESHOLD, load_image, paste_back, to_pil
+
+from .dataset import EvalItem, find_prediction, load_pair
+
+# column order of the Markdown table; metrics that are absent are left out
+_COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "u_ids", "p_ids",
+            "grad", "clip", "psnr_known", "ssim_known")
+_PERCENT = {"u_ids", "p_ids"}
+_LABELS = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips_alex": "LPIPS-alex↓", "lpips_vgg": "LPIPS-vgg↓",
+           "lpips_squeeze": "LPIPS-squeeze↓", "fid": "FID↓", "kid_mean": "KID↓", "u_ids": "U-IDS(%)↑",
+           "p_ids": "P-IDS(%)↑", "grad": "Grad↓", "clip": "CLIP↑", "psnr_known": "PSNR known↑",
+           "ssim_known": "SSIM known↑"}
+
+
+def _cell(name: str, value) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}" if name in _PERCENT else f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}"
+
+
+def markdown_table(summary: dict, title: str = "") -> str:
+    """One table: overall, then per-domain and per-hole-ratio rows."""
+    rows = [("overall", summary["overall"])]
+    rows += [(f"domain: {k}", v) for k, v in summary.get("by_domain", {}).items()]
+    rows += [(f"hole {k}", v) for k, v in summary.get("by_hole_ratio", {}).items()]
+    columns = [c for c in _COLUMNS if any(c in r for _, r in rows)]
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| subset | n | " + " | ".join(_LABELS[c] for c in columns) + " |")
+    lines.append("|---|---:|" + "---:|" * len(columns))
+    for label, row in rows:
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def example_grid(items: Sequence[EvalItem], predictions: Path, path: Path, *, count: int = 8,
+                 height: int = 128) -> Path | None:
+    """Rows of (masked input | raw prediction | composite | ground truth) for the first ``count`` items."""
+    rows = []
+    for item in list(items)[:count]:
+        pred_path = find_prediction(predictions, item.key)
+        if pred_path is None:
+            continue
+        gt, mask = load_pair(item)
+        pred = load_image(str(pred_path))
+        hole = mask >= MASK_THRESHOLD
+        masked = torch.where(hole, torch.zeros_like(gt), gt)  # hole shown grey
+        tiles = torch.cat([masked, pred, paste_back(pred, gt, mask), gt])
+        width = max(1, round(height * gt.shape[-1] / gt.shape[-2]))
+        rows.append(torch.cat(list(F.interpolate(tiles, size=(height, width), mode="bilinear", antialias=True,
+                                                 align_corners=False)), dim=-1))
+    if not rows:
+        return None
+    width = max(r.shape[-1] for r in rows)
+    grid = torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid.clamp(-1, 1)).save(path)
+    return path
+
+
+def write_reports(out: Path, summary: dict, meta: dict, records: list[dict], *, title: str) -> dict[str, Path]:
+    """Write ``metrics.json`` (settings + summary), ``per_image.jsonl`` and ``metrics.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "metrics.json", "per_image": out / "per_image.jsonl", "markdown": out / "metrics.md"}
+    paths["json"].write_text(json.dumps({"settings": meta, **summary}, indent=2))
+    paths["per_image"].write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths["markdown"].write_text(markdown_table(summary, title))
+    return paths
