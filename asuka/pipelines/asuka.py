@@ -36,6 +36,7 @@ from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
 from asuka.pipelines.common import paste_back as paste_known_pixels
+from asuka.pipelines.registry import register_method
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -244,3 +245,62 @@ def _model_class(folder: str | Path) -> type:
         return getattr(decoder, name)
     raise ValueError(f"vae folder {str(folder)!r} holds a {name!r}, which is neither a diffusers class nor "
                      f"asuka's HarmonizingDecoderKL; pass an autoencoder export.")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class AsukaRunner:
+    """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`AsukaInpaintPipeline` (paste-back is left
+    to :func:`asuka.pipelines.common.run_inpainting`)."""
+
+    multiple = 8
+
+    def __init__(self, pipe: AsukaInpaintPipeline) -> None:
+        self.pipe = pipe
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
+                 num_inference_steps: int = 50, progress_bar: bool = True) -> torch.Tensor:
+        self.pipe.set_progress_bar_config(disable=not progress_bar)
+        out = self.pipe(image, mask, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+                        paste_back=False).images
+        return out.to(image) * 2 - 1
+
+
+def default_tiny_asuka_dir() -> Path:
+    """A tiny random ASUKA pipeline folder for the offline CLI demo (written once to ``$ASUKA_CACHE`` or
+    ``~/.cache/asuka``, under ``tiny-asuka``): the tiny SD-inpaint layout with 768-d cross-attention, a tiny MAE
+    and a 2-block aligner. Random weights: it shows the plumbing, not ASUKA's quality."""
+    import os
+    import shutil
+    import tempfile
+
+    from asuka.models.tiny import tiny_sd_components
+
+    root = Path(os.environ.get("ASUKA_CACHE", Path.home() / ".cache" / "asuka"))
+    path = root / "tiny-asuka"
+    if not (path / "model_index.json").is_file():
+        parts = tiny_sd_components(cross_attention_dim=768)
+        mae = MAEPrior.tiny()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            aligner = PriorAligner(in_dim=mae.feature_dim, cross_attention_dim=768, num_blocks=2)
+        pipe = AsukaInpaintPipeline(vae=parts["vae"], unet=parts["unet"], scheduler=parts["scheduler"], mae=mae,
+                                    aligner=aligner)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-asuka.", dir=root))
+        pipe.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@register_method("asuka", default_model=default_tiny_asuka_dir,
+                 description="ASUKA: MAE prior + aligner + SD-inpaint (no CFG) + harmonizing decoder "
+                             "(default: a tiny random offline pipeline)")
+def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaRunner:
+    """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``."""
+    from asuka.pipelines.sd import resolve_model
+
+    pipe = AsukaInpaintPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
+    return AsukaRunner(pipe.to(device))
