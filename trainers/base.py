@@ -22,6 +22,9 @@ Contract for a stage module (subclass :class:`StageModule`):
   steps (when Lightning synchronises for logging anyway), so a diverged run stops at most that many steps after
   ``max_consecutive_nonfinite`` with a checkpoint of the last finite weights and :class:`NonFiniteLossError`.
   Trade-off: the learning-rate scheduler still advances on a skipped step (as with GradScaler).
+* Subclasses overriding ``on_before_optimizer_step`` / ``on_train_batch_end`` / ``setup`` call ``super()``.
+* Data: a datamodule attribute ``skipped_samples`` (host int, e.g. ``InpaintingDataModule``) is logged as
+  ``data/skipped_samples``.
 * Per-device batch size: the datamodule exposes ``batch_size``; :meth:`effective_batch_size` multiplies it by the
   world size (devices × nodes) and ``accumulate_grad_batches``, for the linear learning-rate scaling rule.
 """
@@ -201,6 +204,9 @@ class StageModule(LightningModule):
         self.log("train/skipped_steps", self._nonfinite_total.float(), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped_samples", None)  # host int kept by the datamodule
+        if skipped is not None:
+            self.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
         step = self.trainer.global_step
         if self._nonfinite_run is None or step == self._last_nonfinite_check:
             return

@@ -34,7 +34,10 @@ class MAEModule(StageModule):
     Args:
         model: ``MAEPrior`` config overrides (default: ViT-B/16 at 256², the paper's model).
         init_from: weights to start from — a ``save_pretrained`` folder of ``MAEPrior`` or a published ``.pth``
-            (MAE-FAR layout, converted by ``asuka.models.convert``). ``None`` starts from random initialisation.
+            converted by ``asuka.models.convert``. ``None`` starts from random initialisation.
+        init_format: layout of a ``.pth`` ``init_from``: ``"mae_far"`` (MAE-FAR's ``mae_*.pth``, ``model`` key; the
+            paper starts from MAE-FAR's Places2 MAE) or ``"official"`` (facebookresearch/mae full / visualize
+            checkpoints: cls token dropped, position table re-gridded).
         mask_ratio: fraction of patches hidden from the encoder (MAE-FAR: 0.75).
         norm_pix: per-patch normalised pixel targets (MAE option); default ``False`` as MAE-FAR fine-tuning.
         base_lr: ``blr``; the learning rate is ``base_lr × effective_batch / 256`` unless ``lr`` is given.
@@ -48,6 +51,7 @@ class MAEModule(StageModule):
         self,
         model: dict[str, Any] | None = None,
         init_from: str | None = None,
+        init_format: str = "mae_far",
         mask_ratio: float = 0.75,
         norm_pix: bool = False,
         base_lr: float = 1.5e-4,
@@ -62,6 +66,8 @@ class MAEModule(StageModule):
     ) -> None:
         super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.save_hyperparameters()
+        if init_format not in ("mae_far", "official"):
+            raise ValueError(f"init_format must be 'mae_far' or 'official', got {init_format!r}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
         self.model = MAEPrior(**(model or {}))
@@ -81,9 +87,13 @@ class MAEModule(StageModule):
         if path.is_dir():
             state = MAEPrior.from_pretrained(path).state_dict()
         elif path.is_file():
-            from asuka.models.convert import convert_mae_far_checkpoint
+            from asuka.models import convert
 
-            state = convert_mae_far_checkpoint(path)
+            if self.hparams.init_format == "mae_far":
+                state = convert.convert_mae_far_checkpoint(path)
+            else:
+                grid = self.model.config.img_size // self.model.config.patch_size
+                state = convert.convert_official_mae_checkpoint(path, grid_size=grid)
         else:
             raise FileNotFoundError(
                 f"init_from={str(path)!r} does not exist; pass a MAEPrior save_pretrained folder or a MAE-FAR .pth"
@@ -143,7 +153,10 @@ class MAEModule(StageModule):
         hp = self.hparams
         effective = self.effective_batch_size()
         lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, effective)
-        optimizer = adamw(param_groups_weight_decay(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
+        groups = param_groups_weight_decay(self.model, hp.weight_decay)
+        for group, name in zip(groups, ("decay", "no_decay")):
+            group["name"] = name  # TensorBoard: lr/decay, lr/no_decay
+        optimizer = adamw(groups, lr=lr, betas=tuple(hp.betas))
         total = self.total_training_steps()
         rank_zero_info(
             f"MAE fine-tuning: effective batch {effective}, lr {lr:.3g} (base_lr {hp.base_lr} × {effective}/256), "
