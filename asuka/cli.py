@@ -15,6 +15,7 @@ import importlib
 import inspect
 import sys
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -161,11 +162,20 @@ def _runner_options(runner, method: str, given: dict[str, tuple[str, object]]) -
     return options
 
 
+def _quiet_loading() -> None:
+    """No weight-loading progress bars from diffusers/transformers (the step bar stays)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run_inpaint(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from asuka.pipelines.common import load_image, load_mask, mask_to_pil, run_inpainting, to_pil
+    from asuka.pipelines.common import load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil
     from asuka.pipelines.registry import available_methods, get_method
 
     if args.list_methods:
@@ -183,19 +193,26 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
     method = get_method(args.method)
-    runner = method.load(args.model, device=device)
-    options = _runner_options(runner, args.method, {
-        "--steps": ("num_inference_steps", args.steps or (DEMO_STEPS if demo else None)),
-        "--prompt": ("prompt", args.prompt), "--guidance-scale": ("guidance_scale", args.guidance_scale),
-        "": ("progress_bar", len(pairs) == 1)})
+
+    @cache
+    def runner():  # loaded at the first image with a hole: inputs are checked first; no hole needs no model
+        _quiet_loading()
+        run = method.load(args.model, device=device)
+        return run, _runner_options(run, args.method, {
+            "--steps": ("num_inference_steps", args.steps or (DEMO_STEPS if demo else None)),
+            "--prompt": ("prompt", args.prompt), "--guidance-scale": ("guidance_scale", args.guidance_scale),
+            "": ("progress_bar", len(pairs) == 1)})
 
     for (stem, image_in, mask_in), target in tqdm(list(zip(pairs, targets)), desc="inpaint", unit="image",
                                                    disable=len(pairs) == 1):
-        image, mask = load_image(image_in, name=f"--image {stem}"), load_mask(mask_in, name=f"--mask {stem}")
-        generator = torch.Generator().manual_seed(args.seed)
-        result = run_inpainting(lambda x, m: runner(x, m, generator=generator, **options), image, mask,
-                                paste_back=args.paste_back, multiple=runner.multiple, hd_strategy=hd,
-                                max_size=args.max_size)
+        image, mask = prepare_inputs(load_image(image_in, name=f"--image {stem}"),
+                                     load_mask(mask_in, name=f"--mask {stem}"))
+        result = image  # no hole: written unchanged, and the model is not even loaded
+        if bool(mask.any()):
+            run, options = runner()
+            result = run_inpainting(partial(run, generator=torch.Generator().manual_seed(args.seed), **options),
+                                    image, mask, paste_back=args.paste_back, multiple=run.multiple, hd_strategy=hd,
+                                    max_size=args.max_size)
         target.parent.mkdir(parents=True, exist_ok=True)
         to_pil(result)[0].save(target)
         if demo:

@@ -1,0 +1,148 @@
+"""``asuka inpaint``: single files, folders, the demo (subprocess), and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from asuka.cli import main
+
+FAST = ["--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Two real photographs at 72 x 64 (not multiples of 8 on one side), their masks, and a shared mask."""
+    root = tmp_path_factory.mktemp("cli-inputs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for name, fn in (("coffee", skimage.data.coffee), ("cat", skimage.data.chelsea)):
+        Image.fromarray(fn()).resize((72, 64)).save(root / "images" / f"{name}.png")
+    first = np.zeros((64, 72), np.uint8)
+    first[10:30, 20:50] = 255
+    second = np.zeros((64, 72), np.uint8)
+    second[40:60, 5:25] = 255
+    Image.fromarray(first).save(root / "masks" / "coffee.png")
+    Image.fromarray(second).save(root / "masks" / "cat.png")
+    Image.fromarray(first).save(root / "shared_mask.png")
+    Image.fromarray(np.zeros((64, 72), np.uint8)).save(root / "empty_mask.png")
+    Image.fromarray(np.zeros((60, 72), np.uint8)).save(root / "small_mask.png")
+    return root
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _known_equal(result: Path, image: Path, mask: Path) -> bool:
+    res, img = np.asarray(Image.open(result)), np.asarray(Image.open(image))
+    known = np.asarray(Image.open(mask)) < 128
+    return res.shape == img.shape and np.array_equal(res[known], img[known])
+
+
+def test_single_image(files, tiny_inpaint_dir, tmp_path, capsys):
+    image, mask, out = files / "images" / "coffee.png", files / "masks" / "coffee.png", tmp_path / "out.png"
+    code, stdout, _ = _run(capsys, "inpaint", "--image", image, "--mask", mask, "--out", out,
+                           "--model", tiny_inpaint_dir, "--prompt", "coffee", *FAST)
+    assert code == 0 and f"wrote {out}" in stdout
+    assert _known_equal(out, image, mask)  # paste-back: bit-exact outside the hole
+    hole = np.asarray(Image.open(mask)) >= 128
+    result = np.asarray(Image.open(out))
+    assert not np.array_equal(result[hole], np.asarray(Image.open(image))[hole])
+
+    raw = tmp_path / "raw.png"
+    assert _run(capsys, "inpaint", "--image", image, "--mask", mask, "--out", raw, "--model", tiny_inpaint_dir,
+                "--no-paste-back", "--prompt", "coffee", *FAST)[0] == 0
+    assert not _known_equal(raw, image, mask)  # the model's own pixels outside the hole ...
+    assert np.array_equal(np.asarray(Image.open(raw))[hole], result[hole])  # ... and the same seed, same hole
+
+
+def test_folder_with_matching_masks(files, tiny_inpaint_dir, tmp_path, capsys):
+    out = tmp_path / "per-image"
+    code, stdout, _ = _run(capsys, "inpaint", "--image", files / "images", "--mask", files / "masks",
+                           "--out", out, "--model", tiny_inpaint_dir, *FAST)
+    assert code == 0 and f"wrote 2 images in {out}" in stdout
+    for stem in ("coffee", "cat"):
+        assert _known_equal(out / f"{stem}.png", files / "images" / f"{stem}.png", files / "masks" / f"{stem}.png")
+
+
+def test_folder_with_one_shared_mask_without_hole(files, tmp_path, capsys):
+    """One mask file for a folder; no hole: the inputs are written unchanged and the model is never loaded
+    (the --model folder does not even exist)."""
+    out = tmp_path / "shared"
+    assert _run(capsys, "inpaint", "--image", files / "images", "--mask", files / "empty_mask.png",
+                "--out", out, "--model", tmp_path / "no-such-model")[0] == 0
+    for stem in ("coffee", "cat"):
+        written, given = Image.open(out / f"{stem}.png"), Image.open(files / "images" / f"{stem}.png")
+        assert np.array_equal(np.asarray(written), np.asarray(given))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "{f}/nope.png", "--mask", "{f}/shared_mask.png"], "--image: not found"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/small_mask.png"], "size 72x60 differs from the image's 72x64"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--method", "nope"],
+     "unknown inference method 'nope'"),
+    (["--image", "{f}/images/coffee.png", "--mask", "{f}/images/cat.png"], "colour mask"),
+    (["--image", "{f}/images/cat.png"], "--mask is required"),
+    (["--mask", "{f}/shared_mask.png"], "--mask needs --image"),
+    (["--image", "{f}/images", "--mask", "{f}/shared_mask.png", "--out", "{f}/x.png"], "is a file but --image is a folder"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--model", "{f}/missing"], "folder not found"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--max-size", "32"],
+     "exceeds max_size=32"),
+])
+def test_bad_input_one_line_error(files, tiny_inpaint_dir, tmp_path, capsys, args, message):
+    argv = [a.format(f=files) for a in args]
+    defaults = {"--model": str(tiny_inpaint_dir), "--out": str(tmp_path / "o.png")}
+    argv += [item for flag, value in defaults.items() if flag not in argv for item in (flag, value)]
+    code, _, err = _run(capsys, "inpaint", *argv, *FAST)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asuka inpaint: error: ") and "Traceback" not in err
+    assert message in lines[0]
+
+
+def test_folder_with_missing_mask(files, tiny_inpaint_dir, tmp_path, capsys):
+    masks = tmp_path / "only-coffee"
+    masks.mkdir()
+    (masks / "coffee.png").write_bytes((files / "masks" / "coffee.png").read_bytes())
+    code, _, err = _run(capsys, "inpaint", "--image", files / "images", "--mask", masks, "--out", tmp_path / "o",
+                        "--model", tiny_inpaint_dir)
+    assert code == 1 and "no mask named cat.* in" in err and len(err.strip().splitlines()) == 1
+
+
+def test_list_methods(capsys):
+    code, stdout, _ = _run(capsys, "inpaint", "--list-methods")
+    assert code == 0 and any(line.startswith("sd: diffusers") for line in stdout.splitlines())
+
+
+def _subprocess(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ASUKA_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "asuka", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_default_in_subprocess(tmp_path):
+    """``asuka inpaint`` with no input: scikit-image's astronaut, a generated mask, the tiny pipeline (cached)."""
+    proc = _subprocess(["inpaint", *FAST], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "outputs" / "demo"
+    assert "wrote outputs/demo/astronaut.png" in proc.stdout
+    assert (tmp_path / "cache" / "tiny-sd-inpaint" / "model_index.json").is_file()
+    assert _known_equal(out / "astronaut.png", out / "astronaut_input.png", out / "astronaut_mask.png")
+    assert Image.open(out / "astronaut.png").size == (256, 256)
+
+
+def test_bad_input_in_subprocess_has_no_traceback(tmp_path):
+    proc = _subprocess(["inpaint", "--image", "missing.png", "--mask", "missing_mask.png"], tmp_path, tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == "asuka inpaint: error: --image: not found: missing.png (check the path)"
