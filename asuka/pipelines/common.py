@@ -20,7 +20,7 @@ Conventions (DESIGN.md), applied once, at the boundary:
   needs it): images by reflection, masks with zeros (padding is known context, never hole); the padding is
   cropped off the output.
 - **Paste-back** (on by default): outside the hole the output is bit-identical to the input, also after
-  ``to_pil``/``to_numpy_uint8`` for 8-bit inputs (``u8 / 127.5 - 1`` round-trips exactly through float32).
+  ``to_pil``/``to_numpy_uint8`` for 8-bit inputs (``u8 / 255 * 2 - 1`` round-trips exactly through float32).
   For 16-bit inputs the saved 8-bit output equals the input rounded to 8 bits.
 
 Example::
