@@ -50,6 +50,18 @@ def test_batch_contract(sample):
     assert dm.batch_size == 4
 
 
+def test_device_transform_gives_the_same_batches(sample):
+    floats = list(_dm(sample["train"]).train_dataloader())
+    dm = _dm(sample["train"], device_transform=True)
+    compact = list(dm.train_dataloader())
+    assert compact[0]["image"].dtype == torch.uint8 and "masked_image" not in compact[0]
+    for f, c in zip(floats, compact):
+        done = dm.on_after_batch_transfer(c, 0)
+        for k in ("image", "mask", "masked_image"):
+            assert torch.equal(f[k], done[k])
+        assert dm.on_after_batch_transfer(done, 0) is done  # idempotent on float batches
+
+
 def test_default_is_the_bundled_sample_set(tmp_path):
     dm = InpaintingDataModule(sample_root=str(tmp_path), resolution=32, batch_size=2, num_workers=0, epoch_batches=1)
     dm.prepare_data()
@@ -201,6 +213,8 @@ def test_lightning_fit_uses_equal_epochs_and_counts_skips(sample):
             self.train_batches, self.val_batches = [], 0
 
         def training_step(self, batch, _):
+            assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
+            assert torch.equal(batch["masked_image"], batch["image"] * (1 - batch["mask"]))
             self.train_batches.append(self.current_epoch)
             return (self.w * batch["masked_image"].mean()).sum()
 
@@ -211,7 +225,7 @@ def test_lightning_fit_uses_equal_epochs_and_counts_skips(sample):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm = InpaintingDataModule(train_shards=sample["train"], val_shards=sample["val"], resolution=32, batch_size=2,
-                              num_workers=0, epoch_batches=3, shuffle_buffer=4)
+                              num_workers=0, epoch_batches=3, shuffle_buffer=4, device_transform=True)
     model = Probe()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -33,7 +33,7 @@ import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
 
-from asuka.data.pipeline import train_pipeline, val_pipeline
+from asuka.data.pipeline import finish_batch, train_pipeline, val_pipeline
 from asuka.data.samples import ensure_sample_shards
 from asuka.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME, manifest_shards
 from asuka.masks import get_mask_generator
@@ -96,6 +96,11 @@ class InpaintingDataModule(LightningDataModule):
         sample_root: where the bundled sample set is built (default ``~/.cache/asuka``).
         pin_memory: DataLoader ``pin_memory`` (None = when CUDA is available); ``persistent_workers``
             likewise.
+        device_transform: False: the loaders yield the canonical float batches (converted from the
+            workers' uint8 batches in the main process). True: they yield compact uint8 batches
+            (``image`` uint8, ``mask`` uint8, no ``masked_image``) and the conversion runs on the
+            device in ``on_after_batch_transfer`` (4x less host-to-device traffic; recommended on
+            GPUs when the batch goes through Lightning).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class InpaintingDataModule(LightningDataModule):
         sample_root: str | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
+        device_transform: bool = False,
     ):
         super().__init__()
         for arg, value in (("resolution", resolution), ("batch_size", batch_size), ("epoch_batches", epoch_batches)):
@@ -162,6 +168,7 @@ class InpaintingDataModule(LightningDataModule):
         self.paired_missing, self.max_failure_ratio = paired_missing, max_failure_ratio
         self.sample_root, self.persistent_workers = sample_root, persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.device_transform = device_transform
         self.skipped_samples = 0
         self._train_loaders_built = 0  # a rebuilt loader (reload_dataloaders_every_n_epochs) gets new seeds
         self._train_urls: list[str] | None = None
@@ -195,9 +202,10 @@ class InpaintingDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------- dataloaders
     def _loader(self, pipeline, num_workers: int, seed: int) -> wds.WebLoader:
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
-                             persistent_workers=self.persistent_workers and num_workers > 0,
-                             generator=torch.Generator().manual_seed(seed))
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.persistent_workers and num_workers > 0,
+                               generator=torch.Generator().manual_seed(seed))
+        return loader if self.device_transform else loader.map(finish_batch)
 
     def train_dataloader(self) -> wds.WebLoader:
         self.setup("fit")
@@ -225,6 +233,9 @@ class InpaintingDataModule(LightningDataModule):
         if isinstance(batch, dict) and "skipped" in batch:
             self.skipped_samples += int(batch["skipped"])  # CPU tensor: no device sync
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return finish_batch(batch) if isinstance(batch, dict) and "image" in batch else batch
 
     def state_dict(self) -> dict:
         return {"skipped_samples": self.skipped_samples}

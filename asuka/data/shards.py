@@ -70,7 +70,7 @@ def decode_image(data: bytes) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
         raise ValueError("undecodable image bytes")
-    return np.ascontiguousarray(arr[..., ::-1])
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def resize_short_side(rgb: np.ndarray, size: int | None) -> tuple[np.ndarray, float]:
