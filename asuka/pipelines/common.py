@@ -305,7 +305,8 @@ def check_max_size(height: int, width: int, max_size: int) -> None:
 Pad = tuple[int, int, int, int]  # F.pad order: (left, right, top, bottom)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int = DEFAULT_MULTIPLE, mode: str = "reflect") -> tuple[torch.Tensor, Pad]:
+def pad_to_multiple(x: torch.Tensor, multiple: int = DEFAULT_MULTIPLE,
+                    mode: str = "reflect") -> tuple[torch.Tensor, Pad]:
     """Pad ``x`` (B,C,H,W) on the bottom/right so H and W are multiples of ``multiple``.
 
     ``mode="reflect"`` for images (falls back to ``replicate`` where the image is too small to reflect),
