@@ -144,5 +144,6 @@ def manifest_shards(out_dir: str | Path, split: str) -> list[str]:
     """Absolute shard paths of ``split`` listed in ``out_dir``'s manifest."""
     manifest = read_manifest(out_dir)
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in {out_dir}/{MANIFEST_NAME}; it has {sorted(manifest['splits'])}")
+        raise ValueError(f"split {split!r} not in {out_dir}/{MANIFEST_NAME}; it has {sorted(manifest['splits'])} "
+                         f"(write it with `python -m asuka.data.make_shards --split {split} ...`)")
     return [str(Path(out_dir, e["name"]).resolve()) for e in manifest["splits"][split]["shards"]]
