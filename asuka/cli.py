@@ -14,6 +14,7 @@ import argparse
 import importlib
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -252,12 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from asuka.pipelines.common import InputError  # noqa: E402  (after parsing: keeps --help fast)
 
-    try:
-        return commands[args.command].run(args) or 0
-    except (InputError, CommandError, FileNotFoundError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"asuka {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"asuka {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning  # restored on exit
+        try:
+            return commands[args.command].run(args) or 0
+        except (InputError, CommandError, FileNotFoundError, OSError) as err:
+            message = " ".join(str(err).split())
+            print(f"asuka {args.command}: error: {message}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -86,6 +86,17 @@ def test_folder_with_one_shared_mask_without_hole(files, tmp_path, capsys):
         assert np.array_equal(np.asarray(written), np.asarray(given))
 
 
+def test_soft_mask_warns_in_one_line(files, tmp_path, capsys):
+    soft = np.zeros((64, 72), np.uint8)
+    soft[5:20, 5:20] = 100  # below the threshold (128): no hole after binarization
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    code, _, err = _run(capsys, "inpaint", "--image", files / "images" / "cat.png", "--mask", tmp_path / "soft.png",
+                        "--out", tmp_path / "o.png")
+    assert code == 0 and err.strip().splitlines() == [
+        "asuka inpaint: warning: --mask cat: soft mask (values other than 0/1 or 0/255) binarized at 0.5 (>= 128 for "
+        "uint8) - pass a binary mask to silence this"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--image", "{f}/nope.png", "--mask", "{f}/shared_mask.png"], "--image: not found"),
     (["--image", "{f}/images/cat.png", "--mask", "{f}/small_mask.png"], "size 72x60 differs from the image's 72x64"),
