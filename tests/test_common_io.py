@@ -138,8 +138,17 @@ def test_missing_file(tmp_path):
     with pytest.raises(InputFileNotFoundError, match=r"image: file not found: .*nope\.png") as err:
         load_image(tmp_path / "nope.png")
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, InputError)
+    assert issubclass(InputError, ValueError)
     with pytest.raises(FileNotFoundError, match="mask"):
         load_mask(tmp_path / "nope.png")
+
+
+def test_decompression_bomb(photo, tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(photo).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(InputError, match="decompression-bomb limit.*MAX_IMAGE_PIXELS"):
+        load_image(path)
 
 
 def test_folder_given_as_file(tmp_path):

@@ -80,7 +80,10 @@ def _open(path: str | os.PathLike, name: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{name}: {path} is over PIL's decompression-bomb limit ({err}); if you trust the file, "
+                         "raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{name}: cannot read {path} as an image ({type(err).__name__}: {err}); "
                          "the file is truncated, corrupt or not an image - re-export it as PNG or JPEG") from None
     return img
