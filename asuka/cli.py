@@ -188,6 +188,9 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     out = Path(args.out or ("outputs/demo" if demo else "outputs"))
     single = demo or not Path(args.image).is_dir()
     targets = [_out_path(out, stem, single) for stem, _, _ in pairs]
+    for (_, image_in, _), target in zip(pairs, targets):
+        if isinstance(image_in, Path) and target.resolve() == image_in.resolve():
+            raise CommandError(f"--out: writing {target} would overwrite the input image; choose another --out")
     hd = HDStrategy(args.hd_strategy, args.hd_trigger_size, args.hd_margin, args.hd_resize_limit)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -131,6 +131,38 @@ def test_folder_with_missing_mask(files, tiny_inpaint_dir, tmp_path, capsys):
     assert code == 1 and "no mask named cat.* in" in err and len(err.strip().splitlines()) == 1
 
 
+def test_any_registered_method_and_its_options(files, tmp_path, capsys, monkeypatch):
+    from asuka.pipelines import registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    seen = {}
+
+    class Negative:
+        multiple = 16
+
+        def __call__(self, image, mask, *, generator=None, num_inference_steps=10):
+            seen.update(shape=tuple(image.shape), steps=num_inference_steps)
+            return -image
+
+    registry.register_method("negative-test", default_model=lambda: "none")(lambda model, *, device, dtype: Negative())
+    image, mask, out = files / "images" / "cat.png", files / "masks" / "cat.png", tmp_path / "neg.png"
+    assert _run(capsys, "inpaint", "--method", "negative-test", "--image", image, "--mask", mask, "--out", out,
+                "--steps", "3")[0] == 0
+    assert seen == {"shape": (1, 3, 64, 80), "steps": 3}  # padded to the method's multiple of 16
+    hole = np.asarray(Image.open(mask)) >= 128
+    assert np.array_equal(np.asarray(Image.open(out))[hole], 255 - np.asarray(Image.open(image))[hole])
+    code, _, err = _run(capsys, "inpaint", "--method", "negative-test", "--image", image, "--mask", mask,
+                        "--out", out, "--prompt", "a cat")
+    assert code == 1
+    assert err.strip() == "asuka inpaint: error: --prompt: method 'negative-test' does not take this option"
+
+
+def test_out_must_not_overwrite_the_input(files, capsys):
+    code, _, err = _run(capsys, "inpaint", "--image", files / "images", "--mask", files / "shared_mask.png",
+                        "--out", files / "images")
+    assert code == 1 and "would overwrite the input image" in err
+
+
 def test_list_methods(capsys):
     code, stdout, _ = _run(capsys, "inpaint", "--list-methods")
     assert code == 0 and any(line.startswith("sd: diffusers") for line in stdout.splitlines())
