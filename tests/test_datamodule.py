@@ -78,7 +78,7 @@ def test_two_rank_split_is_disjoint_with_equal_batch_counts(sample, monkeypatch)
     assert all(len(s) >= 1 for s in slices)
     assert sum(len(s) for s in slices) == len(sample["train"]) and len(set().union(*slices)) == len(sample["train"])
 
-    used, counts = {}, {}
+    used, counts, masks = {}, {}, {}
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -86,8 +86,10 @@ def test_two_rank_split_is_disjoint_with_equal_batch_counts(sample, monkeypatch)
         batches = list(dm.train_dataloader())
         counts[rank] = len(batches)
         used[rank] = {shard_of[k] for b in batches for k in b["key"]}
+        masks[rank] = torch.cat([b["mask"] for b in batches])
     assert counts == {0: 5, 1: 5}
     assert used[0] and used[1] and not used[0] & used[1]
+    assert not torch.equal(masks[0], masks[1])  # mask generators are seeded per rank
 
 
 def test_epochs_differ_and_runs_repeat(sample):
@@ -99,6 +101,12 @@ def test_epochs_differ_and_runs_repeat(sample):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # same seed: same stream
     assert not torch.equal(a[0], a[1])  # a new epoch draws new masks
     assert not torch.equal(a[0], c[0])  # another seed, another stream
+
+
+def test_persistent_workers_draw_new_masks_every_epoch(sample):
+    loader = _dm(sample["train"], num_workers=1, persistent_workers=True).train_dataloader()
+    epochs = [torch.cat([b["mask"] for b in loader]) for _ in range(2)]
+    assert not torch.equal(epochs[0], epochs[1])
 
 
 def test_validation_is_fixed(sample):

@@ -207,13 +207,21 @@ class InpaintingDataModule(LightningDataModule):
                                generator=torch.Generator().manual_seed(seed))
         return loader if self.device_transform else loader.map(finish_batch)
 
+    def _rank_world(self) -> dict:
+        """The trainer's global rank and world size when attached (else env / torch.distributed)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return {"rank": trainer.global_rank, "world_size": trainer.world_size}
+        return {}
+
     def train_dataloader(self) -> wds.WebLoader:
         self.setup("fit")
         pipeline = train_pipeline(
             self._train_urls, resolution=self.resolution, batch_size=self.batch_size, mask_generator=self._train_masks,
             seed=self.seed, shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
             scale=self.crop_scale, ratio=self.crop_ratio, hflip=self.hflip, image_keys=self.image_keys,
-            paired=self.paired_image_keys, paired_missing=self.paired_missing, max_failure_ratio=self.max_failure_ratio)
+            paired=self.paired_image_keys, paired_missing=self.paired_missing, max_failure_ratio=self.max_failure_ratio,
+            **self._rank_world())
         loader = self._loader(pipeline, self.num_workers, self.seed * 1_000_003 + self._train_loaders_built)
         self._train_loaders_built += 1
         return loader.with_epoch(self.epoch_batches).with_length(self.epoch_batches, silent=True)

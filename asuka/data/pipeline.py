@@ -68,6 +68,8 @@ class StreamState:
     copy per worker process)."""
 
     seed: int = 0
+    rank: int | None = None
+    world_size: int | None = None
     max_failure_ratio: float = 0.5
     min_failures: int = 20
     ok: int = 0
@@ -78,13 +80,20 @@ class StreamState:
     shuffle_rng: random.Random = field(default_factory=random.Random)
 
     def begin(self) -> None:
-        """Derive this (rank, worker, epoch)'s generators; called when an epoch's iterator is built."""
+        """Derive this (rank, worker, epoch)'s generators; called when an epoch's iterator is built.
+
+        ``rank`` / ``world_size`` are captured in the main process when the loader is made (worker
+        processes may not see the process group); worker id and count come from the DataLoader."""
         rank, world, worker, num_workers = worker_slot()
+        if self.rank is not None:
+            rank, world = self.rank, self.world_size
         info = get_worker_info()
-        token = int(info.seed) if info is not None else self.iterations
-        self.iterations += 1
+        # Fresh workers get a new seed from the loader's generator every epoch; persistent workers
+        # keep theirs but count their own iterations.
+        token = [int(info.seed) % (1 << 63)] if info is not None else []
         self.slot = (rank, world, worker, num_workers)
-        ss = np.random.SeedSequence([self.seed, rank, worker, token % (1 << 63)])
+        ss = np.random.SeedSequence([self.seed, rank, worker, self.iterations, *token])
+        self.iterations += 1
         shard_ss, shuffle_ss, aug_ss, mask_ss = ss.spawn(4)
         self.shard_rng = random.Random(int(shard_ss.generate_state(1)[0]))
         self.shuffle_rng.seed(int(shuffle_ss.generate_state(1)[0]))
@@ -351,9 +360,14 @@ def train_pipeline(urls: Sequence[str], *, resolution: int, batch_size: int, mas
                    shuffle_buffer: int = 1000, shuffle_initial: int = 100, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                    hflip: float = 0.5, image_keys: Sequence[str] = IMAGE_EXTENSIONS,
                    paired: dict[str, str] | None = None, paired_missing: str = "image",
-                   max_failure_ratio: float = 0.5, min_failures: int = 20) -> wds.DataPipeline:
-    """The infinite training stream of batches for this rank (module docstring)."""
-    state = StreamState(seed=seed, max_failure_ratio=max_failure_ratio, min_failures=min_failures)
+                   max_failure_ratio: float = 0.5, min_failures: int = 20, rank: int | None = None,
+                   world_size: int | None = None) -> wds.DataPipeline:
+    """The infinite training stream of batches for this rank (module docstring). ``rank`` /
+    ``world_size`` default to :func:`worker_slot` in the calling (main) process."""
+    if rank is None or world_size is None:
+        rank, world_size = worker_slot()[:2]
+    state = StreamState(seed=seed, rank=rank, world_size=world_size, max_failure_ratio=max_failure_ratio,
+                        min_failures=min_failures)
     stages = [PartitionedResampledShards(urls, state), wds.tarfile_to_samples(handler=state.handler)]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_initial, shuffle_buffer), rng=state.shuffle_rng))
