@@ -1,0 +1,75 @@
+"""Resume: 2N uninterrupted steps == N steps, a crash, and N steps resumed with ``ckpt_path="last"``.
+
+CPU, deterministic data (tests/trainer_support.py), the MAE stage with its warm-up + cosine schedule, AdamW state,
+EMA and masking-noise generator: the per-step losses after resuming must equal the uninterrupted run's exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from trainers.ema import EMA
+from trainers.mae import MAEModule
+from trainer_support import PhotoDataModule
+
+TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    """Dies when optimizer step ``step`` begins: after the step-``step`` checkpoint, like a killed process."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash
+
+
+def _run(tmp_path, max_steps, every, *extra, ckpt_path=None):
+    seed_everything(0)
+    recorder = LossRecorder()
+    ema = EMA(decay=0.9)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[recorder, ema, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
+                                                  save_last=True, save_top_k=-1), *extra],
+    )
+    module = MAEModule(model=TINY_MAE, base_lr=0.02, warmup_steps=2, min_lr=1e-4)
+    data = PhotoDataModule(batch_size=4, size=32, train_samples=12)  # 3 batches per epoch
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except Crash:
+        pass
+    return recorder.losses, module, ema
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    n = 3  # one epoch: map-style loaders restart their epoch on resume (streaming data: "resume = fresh stream")
+    full, full_module, full_ema = _run(tmp_path / "full", 2 * n, n)
+    first, _, _ = _run(tmp_path / "resumed", 2 * n, n, CrashAt(n))
+    assert sorted(first) == list(range(1, n + 1))
+    second, resumed_module, resumed_ema = _run(tmp_path / "resumed", 2 * n, n, ckpt_path="last")
+    assert sorted(second) == list(range(n + 1, 2 * n + 1))
+    assert [first[s] for s in range(1, n + 1)] == [full[s] for s in range(1, n + 1)]
+    assert [second[s] for s in range(n + 1, 2 * n + 1)] == [full[s] for s in range(n + 1, 2 * n + 1)]
+    for a, b in zip(full_module.parameters(), resumed_module.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full_ema.state_dict()["ema_shadow"].values(), resumed_ema.state_dict()["ema_shadow"].values()):
+        assert torch.equal(a, b)
