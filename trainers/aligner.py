@@ -1,0 +1,279 @@
+"""Alignment-module training (ASUKA paper §3.2 and §4; specs/asuka.md §1.1.2, §5 items 1–3, 9).
+
+Per step, for a batch ``image`` (B,3,H,W) in [-1,1] (512² in the paper) and hole masks from the ``asuka_train``
+recipe (the MAE's masking, paper §3.2):
+
+1. condition: ``C = aligner(F)`` with ``F = MAE.prior(image, mask).features`` (B,256,512), the frozen MAE's prior
+   of the masked image. With probability ``p`` (per sample) ``F`` is the MAE *reconstructed* prior instead — the
+   same call with an all-zero mask (paper §3.2 "Misalignment"); both are one MAE pass (the swapped samples' masks
+   are zeroed). ``p`` falls linearly from 1.0 to 0.1 over the first 2,000 optimizer steps, then stays
+   (:func:`reconstructed_prior_probability`, paper §4).
+2. SD's ε-prediction objective through the frozen SD-1.5-inpainting UNet: ``z0 = s·E(image)``, ``t ~ U{0..T-1}``,
+   ``z_t = add_noise(z0, ε, t)`` with the UNet's training schedule (``DDPMScheduler`` from the SD folder's
+   scheduler config), UNet input ``[z_t, mask↓, s·E(image·(1-mask))]`` with ``mask↓`` = nearest interpolation to
+   the latent size (as diffusers' inpainting pipeline), ``encoder_hidden_states = C``;
+   loss ``‖ε - ε̂‖²`` (``v`` target when the scheduler says ``v_prediction``).
+
+Frozen, never written into checkpoints: the MAE prior (an ``MAEPrior`` export), the UNet and the VAE (a diffusers
+SD-inpainting folder or hub id; ``frozen_dtype`` bf16 by default on GPU). The gradient flows through the frozen UNet
+to ``C``; ``gradient_checkpointing`` recomputes the UNet's blocks in backward (diffusers ≥ 0.32 gates checkpointing on
+``torch.is_grad_enabled()``, not on ``unet.training``, so the frozen parts stay in ``eval()`` mode throughout).
+
+Optimizer: AdamW with **lr 5e-2, the paper's stated value** (§4). It looks implausibly high for transformer blocks
+(spec §5.9: possibly a typo; no code confirms it) — it is exposed as ``lr``; ``warmup_steps`` adds a linear warm-up
+(0 = none, the paper names none). betas / weight decay are torch's AdamW defaults (0.9, 0.999) / 0.01: the paper
+does not state them.
+
+Validation: the ε-loss on the fixed validation cases with the masked prior (no swap) and a fixed noise seed, and
+image grids (:class:`trainers.callbacks.ImageLogger`) of ASUKA inpaintings sampled with ``val_sampling_steps`` DDIM
+steps through :class:`asuka.pipelines.asuka.AsukaInpaintPipeline` (SD's VAE decoder, paste-back on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_info
+
+from asuka.models.aligner import PriorAligner
+from asuka.models.mae import MAEPrior
+from trainers.base import StageModule, adamw, warmup_cosine_scheduler
+
+__all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
+
+PAPER_LR = 5e-2
+DEFAULT_SD_INPAINT = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+
+
+def reconstructed_prior_probability(step: int, start: float = 1.0, end: float = 0.1, decay_steps: int = 2000) -> float:
+    """``p`` at optimizer step ``step``: linear from ``start`` to ``end`` over ``decay_steps`` steps, then ``end``."""
+    if decay_steps < 0 or not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+        raise ValueError(f"need decay_steps >= 0 and probabilities in [0, 1], got start={start}, end={end}, "
+                         f"decay_steps={decay_steps}")
+    if decay_steps == 0 or step >= decay_steps:
+        return end
+    return start + (end - start) * max(step, 0) / decay_steps
+
+
+def swap_to_reconstructed(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """The MAE's mask per sample: all-zero (the reconstructed prior) with probability ``p``, else ``mask``."""
+    swap = torch.rand(mask.shape[0], generator=generator, device=mask.device) < p
+    return mask * (~swap).view(-1, 1, 1, 1).to(mask.dtype)
+
+
+def sd_inpaint_source(path: str | Path) -> str:
+    """An SD-inpainting pipeline folder (must hold ``unet/``), a hub id, or ``"tiny"`` (the tiny CPU-demo folder)."""
+    if str(path) == "tiny":
+        from asuka.models.tiny import default_tiny_inpaint_dir
+
+        return str(default_tiny_inpaint_dir())
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute() or str(path).startswith("."):
+        if not (p / "unet" / "config.json").is_file():
+            raise FileNotFoundError(f"sd_inpaint={str(path)!r} has no unet/config.json; pass a diffusers "
+                                    "SD-inpainting pipeline folder, a hub id or 'tiny'")
+        return str(p)
+    return str(path)  # a hub id, resolved by diffusers
+
+
+class AlignerModule(StageModule):
+    """LightningModule training :class:`~asuka.models.aligner.PriorAligner`; exports the ``PriorAligner``.
+
+    Args:
+        mae: ``MAEPrior`` save_pretrained folder (the fine-tuned prior; frozen).
+        sd_inpaint: SD-1.5-inpainting pipeline folder or hub id (UNet, VAE, scheduler config; frozen), or ``"tiny"``.
+        aligner: ``PriorAligner`` config overrides (default: the paper's 512 -> 768, 4 pre-LN blocks).
+        lr: AdamW learning rate (paper: 5e-2, see the module docstring). ``betas``/``weight_decay``: AdamW's.
+        warmup_steps: linear learning-rate warm-up (0 = constant, as stated in the paper).
+        p_start / p_end / p_decay_steps: reconstructed-prior probability schedule (paper: 1.0 -> 0.1 over 2,000).
+        frozen_dtype: dtype of the frozen UNet, VAE and MAE: ``"bfloat16"``, ``"float16"``, ``"float32"`` or
+            ``None`` = bf16 on CUDA, float32 otherwise.
+        gradient_checkpointing: recompute the frozen UNet's blocks in backward (memory; the paper trains at 512²).
+        val_sampling_steps: DDIM steps of the sampled inpaintings in the image grids.
+        seed: seed of the per-step noise, timesteps and swap draws (a resumed run draws what an uninterrupted one
+            would).
+    """
+
+    def __init__(
+        self,
+        mae: str,
+        sd_inpaint: str = DEFAULT_SD_INPAINT,
+        aligner: dict[str, Any] | None = None,
+        lr: float = PAPER_LR,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        p_start: float = 1.0,
+        p_end: float = 0.1,
+        p_decay_steps: int = 2000,
+        frozen_dtype: str | None = None,
+        gradient_checkpointing: bool = True,
+        val_sampling_steps: int = 10,
+        seed: int = 0,
+        max_consecutive_nonfinite: int = 20,
+    ) -> None:
+        super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite)
+        self.save_hyperparameters()
+        reconstructed_prior_probability(0, p_start, p_end, p_decay_steps)  # validates the schedule
+        if frozen_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"frozen_dtype must be 'bfloat16', 'float16', 'float32' or null, got {frozen_dtype!r}")
+        if val_sampling_steps < 1:
+            raise ValueError(f"val_sampling_steps must be >= 1, got {val_sampling_steps}")
+        self.aligner = PriorAligner(**(aligner or {}))
+        # Frozen parts, built by load_pretrained (never in checkpoints).
+        self.mae: MAEPrior | None = None
+        self.unet: UNet2DConditionModel | None = None
+        self.vae: AutoencoderKL | None = None
+        self.noise_scheduler: DDPMScheduler | None = None
+        self._generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ weights
+    def exportable(self) -> PriorAligner:
+        return self.aligner
+
+    def _frozen_dtype(self) -> torch.dtype:
+        name = self.hparams.frozen_dtype
+        if name is None:
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, name)
+
+    def load_pretrained(self) -> None:
+        hp = self.hparams
+        mae_path = Path(hp.mae).expanduser()
+        if not (mae_path / "config.json").is_file():
+            raise FileNotFoundError(f"mae={hp.mae!r} is not an MAEPrior save_pretrained folder (no config.json); "
+                                    "train it with configs/mae.yaml and pass its export folder")
+        source = sd_inpaint_source(hp.sd_inpaint)
+        dtype = self._frozen_dtype()
+        mae = MAEPrior.from_pretrained(mae_path, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        cfg = self.aligner.config
+        if mae.feature_dim != cfg.in_dim:
+            raise ValueError(f"the MAE at {hp.mae!r} gives {mae.feature_dim}-d features but aligner.in_dim is "
+                             f"{cfg.in_dim}; set model.init_args.aligner.in_dim: {mae.feature_dim}")
+        if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+            raise ValueError(f"the UNet of {hp.sd_inpaint!r} takes {unet.config.cross_attention_dim}-d conditions but "
+                             f"aligner.cross_attention_dim is {cfg.cross_attention_dim}")
+        if unet.config.in_channels != 9:
+            raise ValueError(f"sd_inpaint={hp.sd_inpaint!r} is not an inpainting model (UNet in_channels "
+                             f"{unet.config.in_channels}, expected 9)")
+        for module in (mae, unet, vae):
+            module.requires_grad_(False).eval()
+        if hp.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.mae, self.unet, self.vae = mae, unet, vae
+        self.noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        rank_zero_info(f"aligner: frozen MAE {hp.mae}, SD-inpainting {source} ({dtype}); lr {hp.lr}")
+
+    def train(self, mode: bool = True) -> "AlignerModule":
+        """Only the aligner switches to training mode; the frozen parts stay in eval mode."""
+        super().train(mode)
+        for module in (self.mae, self.unet, self.vae):
+            if module is not None:
+                module.eval()
+        return self
+
+    def _require_frozen(self) -> None:
+        if self.unet is None:
+            raise RuntimeError("frozen parts not loaded: call load_pretrained() (Lightning does in setup('fit'))")
+
+    # ------------------------------------------------------------------ randomness
+    def _rng(self, batch_idx: int) -> torch.Generator:
+        """Generator seeded by (seed, optimizer step, micro-batch, rank): resumable and distinct per rank."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        trainer = self.trainer
+        accumulate, world, rank = trainer.accumulate_grad_batches, trainer.world_size, trainer.global_rank
+        micro = self.global_step * accumulate + batch_idx % accumulate
+        return self._generator.manual_seed(((self.hparams.seed * 1_000_003 + micro) * world + rank) % 2**63)
+
+    # ------------------------------------------------------------------ loss
+    def condition(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Aligner output for the MAE prior of the masked image; ``mask`` zeroed per sample = reconstructed prior."""
+        with torch.no_grad():
+            features = self.mae.prior(image, mask, return_image=False).features
+        return self.aligner(features.float())
+
+    def diffusion_loss(self, image: torch.Tensor, mask: torch.Tensor, mae_mask: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """SD's ε-prediction MSE with ``encoder_hidden_states = aligner(MAE(image, mae_mask))`` (module docstring)."""
+        self._require_frozen()
+        vae, unet, scheduler = self.vae, self.unet, self.noise_scheduler
+        dtype = unet.dtype
+        b = image.shape[0]
+        with torch.no_grad():
+            scale = vae.config.scaling_factor
+            latents = vae.encode(image.to(dtype)).latent_dist.sample(generator) * scale
+            masked = vae.encode((image * (mask < 0.5)).to(dtype)).latent_dist.sample(generator) * scale
+            mask_latent = F.interpolate(mask.to(dtype), size=latents.shape[-2:])  # nearest, as diffusers
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=latents.device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            if scheduler.config.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, t)
+            else:
+                target = noise
+        cond = self.condition(image, mae_mask).to(dtype)
+        pred = unet(torch.cat([noisy, mask_latent, masked], dim=1), t, encoder_hidden_states=cond,
+                    return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------ steps
+    def reconstructed_probability(self) -> float:
+        hp = self.hparams
+        return reconstructed_prior_probability(self.global_step, hp.p_start, hp.p_end, hp.p_decay_steps)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image, mask = batch["image"], batch["mask"]
+        generator = self._rng(batch_idx)
+        p = self.reconstructed_probability()
+        mae_mask = swap_to_reconstructed(mask, p, generator)
+        loss = self.diffusion_loss(image, mask, mae_mask, generator)
+        b = image.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        self.log("train/p_reconstructed", p, on_step=True, on_epoch=False, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image, mask = batch["image"], batch["mask"]
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)  # fixed cases
+        loss = self.diffusion_loss(image, mask, mask, generator)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
+
+    def pipeline(self):
+        """An :class:`~asuka.pipelines.asuka.AsukaInpaintPipeline` on the current weights (DDIM, SD's VAE decoder)."""
+        from asuka.pipelines.asuka import AsukaInpaintPipeline
+
+        self._require_frozen()
+        pipe = AsukaInpaintPipeline(vae=self.vae, unet=self.unet, mae=self.mae, aligner=self.aligner,
+                                    scheduler=DDIMScheduler.from_config(self.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def log_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """input | masked input | MAE prior image | ASUKA sample (``val_sampling_steps`` DDIM steps, paste-back)."""
+        image, mask = batch["image"], batch["mask"]
+        prior = self.mae.prior(image, mask).image
+        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
+        sample = self.pipeline()(image, mask, num_inference_steps=self.hparams.val_sampling_steps,
+                                 generator=generator, output_type="pt").images
+        columns = {"input": image, "masked": image * (1 - mask)}
+        if prior is not None:
+            columns["mae_prior"] = prior.float()
+        columns["asuka"] = sample.to(image) * 2 - 1
+        return columns
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = adamw(self.aligner.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = max(self.total_training_steps(), hp.warmup_steps)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=hp.warmup_steps, total_steps=total,
+                                            min_factor=1.0)  # min_factor 1: constant after the warm-up
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
