@@ -157,3 +157,42 @@ def test_bad_arguments_raise_clear_errors():
     aligner = _seeded_aligner(cross_attention_dim=128, num_blocks=1)
     with pytest.raises(ValueError, match=r"\(B, N, 512\)"):
         aligner(torch.randn(1, 256, 768))
+
+
+def _flux_port_sequential(dim: int = 128, blocks: int = 2) -> torch.nn.Sequential:
+    """The FLUX port's layout (``get_single_stram_blk_asuka``), built from the same block class with modulation."""
+    from asuka.models.aligner import FluxSingleStreamBlock
+
+    torch.manual_seed(5)
+    seq = torch.nn.Sequential(torch.nn.Linear(512, dim),
+                              *[FluxSingleStreamBlock(dim, dim // 64, keep_unused_modulation=True) for _ in range(blocks)],
+                              torch.nn.LayerNorm(dim))
+    _randomize(seq, seed=6)
+    return seq.eval()
+
+
+def test_convert_flux_port_sequential_state_dict(tmp_path):
+    from asuka.models.convert import aligner_from_asuka_flux
+
+    seq = _flux_port_sequential()
+    keys = set(seq.state_dict())
+    assert {"0.weight", "1.linear1.weight", "1.norm.query_norm.scale", "2.modulation.lin.weight", "3.bias"} <= keys
+    torch.save({f"module.{k}": v for k, v in seq.state_dict().items()}, tmp_path / "asuka_alignment.pt")
+    aligner = aligner_from_asuka_flux(tmp_path / "asuka_alignment.pt")
+    cfg = aligner.config
+    assert (cfg.block_type, cfg.cross_attention_dim, cfg.num_blocks, cfg.mlp_ratio, cfg.keep_unused_modulation) == (
+        "flux_single_stream", 128, 2, 4.0, True)
+    f = torch.randn(2, 16, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(aligner(f), seq(f), rtol=0, atol=0)
+
+
+def test_convert_flux_port_rejects_other_layouts():
+    from asuka.models.convert import StateDictMismatchError, aligner_from_asuka_flux
+
+    state = _flux_port_sequential().state_dict()
+    with pytest.raises(StateDictMismatchError, match="unexpected keys.*proj_in.weight"):
+        aligner_from_asuka_flux({"proj_in.weight": torch.zeros(1), **state})
+    del state["1.linear2.bias"]
+    with pytest.raises(StateDictMismatchError, match="missing keys.*blocks.0.linear2.bias"):
+        aligner_from_asuka_flux(state)

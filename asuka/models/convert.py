@@ -406,3 +406,49 @@ def load_harmonizing_decoder_checkpoint(
                 hint="an LDM-layout Asymmetric VQGAN / ASUKA decoder checkpoint is expected (keys decoder.up.{i}.block.{j}.*, "
                      "decoder.encoder.layers.{k}.*, quant convs unless identity_quant_convs=True)")
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- aligner
+def convert_asuka_flux_aligner_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """ASUKA-FLUX alignment module (``get_single_stram_blk_asuka``: an ``nn.Sequential`` of Linear(512, dim),
+    N ``SingleStreamBlockAsuka`` and LayerNorm; released as ``asuka_alignment_{clip,t5}.pt``) -> ``PriorAligner``
+    keys: ``0.*`` -> ``proj_in.*``, ``{1..N}.*`` -> ``blocks.{0..N-1}.*`` (the port's names are kept inside a block),
+    ``{N+1}.*`` -> ``norm_out.*``."""
+    state_dict = _strip_prefix(state_dict)
+    hint = "expected the FLUX port's nn.Sequential layout (0.*, 1..N.*, N+1.*)"
+    bad = [k for k in state_dict if not k.partition(".")[0].isdigit()]
+    if bad:
+        raise StateDictMismatchError("aligner state dict", "PriorAligner", [], bad, [], hint)
+    last = max((int(k.partition(".")[0]) for k in state_dict), default=-1)
+    if last < 2 or "0.weight" not in state_dict or f"{last}.weight" not in state_dict:
+        raise StateDictMismatchError("aligner state dict", "PriorAligner",
+                                     [k for k in ("0.weight", "1.linear1.weight") if k not in state_dict], [], [], hint)
+    converted = {}
+    for key, value in state_dict.items():
+        index, _, rest = key.partition(".")
+        i = int(index)
+        prefix = "proj_in" if i == 0 else "norm_out" if i == last else f"blocks.{i - 1}"
+        converted[f"{prefix}.{rest}"] = value
+    return converted
+
+
+def aligner_from_asuka_flux(checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], *, head_dim: int = 64):
+    """A ``PriorAligner`` (``block_type="flux_single_stream"``) loaded strictly from the FLUX port's alignment module.
+
+    Widths, depth and the MLP ratio come from the weights; the port's unused ``modulation`` layers are kept when the
+    checkpoint has them (``keep_unused_modulation``). ``head_dim``: 64 in the port (``head_num = dim // 64``).
+    """
+    from asuka.models.aligner import PriorAligner
+
+    source = "aligner state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
+    raw = (unwrap_state_dict(checkpoint, None, source=source) if isinstance(checkpoint, Mapping)
+           else read_checkpoint(checkpoint, key=None))
+    converted = convert_asuka_flux_aligner_state_dict(raw)
+    dim, in_dim = converted["proj_in.weight"].shape
+    model = PriorAligner(
+        in_dim=in_dim, cross_attention_dim=dim, num_blocks=_count_blocks(converted, "blocks"), head_dim=head_dim,
+        mlp_ratio=(converted["blocks.0.linear1.weight"].shape[0] - 3 * dim) / dim, block_type="flux_single_stream",
+        keep_unused_modulation=any(".modulation." in k for k in converted))
+    return load_strict(model, converted, source=source,
+                       hint="the FLUX port's alignment module (nn.Sequential: Linear, SingleStreamBlockAsuka x N, "
+                            "LayerNorm) is expected").eval()
