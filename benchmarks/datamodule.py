@@ -4,9 +4,11 @@
         [--batch-size 16] [--workers 0 2] [--mask-recipe asuka_train]
 
 Default shards: the bundled sample set (JPEG q95, shorter side 320). Each configuration pulls 3
-warm-up batches (worker start-up), then times ``--batches`` batches; the ratio column
-is relative to the first ``--workers`` entry (0 = in-process baseline). On a machine shared with
-other jobs the multi-worker speed-up is bounded by the free cores.
+warm-up batches (worker start-up), then times ``--batches`` batches. "float" rows yield the
+canonical float batches (converted in the main process); "uint8" rows use ``device_transform=True``
+(compact batches; the conversion would run on the GPU after transfer). The ratio column is relative
+to the first row (in-process, float). On a machine shared with other jobs the multi-worker speed-up
+is bounded by the free cores.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from trainers.datamodule import InpaintingDataModule
 
 
 def measure(shards, *, resolution: int, batch_size: int, workers: int, batches: int, recipe: str,
-            sample_root: str) -> float:
+            sample_root: str, device_transform: bool) -> float:
     warmup = 3  # start workers, fill shuffle buffers
     dm = InpaintingDataModule(train_shards=shards, resolution=resolution, batch_size=batch_size, num_workers=workers,
                               mask_recipe=recipe, epoch_batches=batches + warmup, shuffle_buffer=200,
-                              sample_root=sample_root)
+                              sample_root=sample_root, device_transform=device_transform)
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     for _ in range(warmup):
@@ -43,15 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     parser.add_argument("--mask-recipe", default="asuka_train")
     args = parser.parse_args(argv)
+    configs = [(w, dt) for w in args.workers for dt in (False, True)]
     with tempfile.TemporaryDirectory() as root:
-        rates = {w: measure(args.shards, resolution=args.resolution, batch_size=args.batch_size, workers=w,
-                            batches=args.batches, recipe=args.mask_recipe, sample_root=root) for w in args.workers}
-    base = rates[args.workers[0]]
+        rates = {c: measure(args.shards, resolution=args.resolution, batch_size=args.batch_size, workers=c[0],
+                            batches=args.batches, recipe=args.mask_recipe, sample_root=root, device_transform=c[1])
+                 for c in configs}
+    base = rates[configs[0]]
     print(f"training stream, {args.resolution}², batch {args.batch_size}, mask recipe {args.mask_recipe}, "
           f"shards: {args.shards or 'bundled sample set'}")
-    print(f"{'workers':>8}{'samples/s':>12}{'ms/sample':>11}{'ratio':>8}")
-    for w, r in rates.items():
-        print(f"{w:>8}{r:>12.1f}{1000 / r:>11.2f}{r / base:>8.2f}")
+    print(f"{'workers':>8}{'batches':>9}{'samples/s':>12}{'ms/sample':>11}{'ratio':>8}")
+    for (w, dt), r in rates.items():
+        print(f"{w:>8}{'uint8' if dt else 'float':>9}{r:>12.1f}{1000 / r:>11.2f}{r / base:>8.2f}")
 
 
 if __name__ == "__main__":
