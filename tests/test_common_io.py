@@ -199,6 +199,8 @@ def test_wrong_channel_counts():
         load_image(np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(InputError, match=r"mask tensors must be .*m\[:, :1\]"):
         load_mask(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(InputError, match="C in 1-4"):
+        load_mask(np.zeros((8, 8, 5), np.uint8))
 
 
 def test_value_range_and_non_finite():
@@ -245,6 +247,25 @@ def test_soft_mask_binarized_at_threshold_with_warning():
     with pytest.warns(SoftMaskWarning):
         m = load_mask(torch.tensor([[0.0, 0.49, MASK_THRESHOLD, 0.9]]))
     assert m.flatten().tolist() == [0, 0, 1, 1]
+
+
+def test_mask_alpha_composited_on_black(hole):
+    stroke = hole == 255
+    white = np.full(hole.shape + (3,), 255, np.uint8)  # transparent pixels that store white are still known
+    rgba = np.concatenate([white, hole[..., None]], axis=-1)
+    expected = torch.from_numpy(stroke).float()[None, None]
+    for source in (rgba, Image.fromarray(rgba, "RGBA"), np.stack([white[..., 0], hole], -1),
+                   Image.fromarray(np.stack([white[..., 0], hole], -1), "LA")):
+        assert torch.equal(load_mask(source), expected)
+    pal = Image.fromarray(hole).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])  # the background palette entry is transparent
+    assert torch.equal(load_mask(pal), expected)
+
+
+def test_integer_label_masks():
+    labels = np.array([[0, 1], [1, 0]])
+    for dtype in (np.uint8, np.uint16):
+        assert load_mask(labels.astype(dtype)).flatten().tolist() == [0, 1, 1, 0]
 
 
 def test_colour_mask_rejected():

@@ -12,9 +12,10 @@ Conventions (DESIGN.md), applied once, at the boundary:
 - **Masks** become ``float32`` tensors ``(B, 1, H, W)`` with values in ``{0, 1}``, **1 = hole** (white in
   files). The one threshold is :data:`MASK_THRESHOLD` = 0.5 on the ``[0, 1]`` scale: a pixel is a hole when
   ``value >= 0.5``, i.e. ``>= 128`` for ``uint8``. Soft masks (values other than 0/1, 0/255, e.g. from JPEG or
-  blurring) are binarized at that threshold with a :class:`SoftMaskWarning`. ``uint8`` masks whose maximum is 1
-  are 0/1 label masks and read as such. Colour masks (RGB/RGBA/palette files or arrays) are accepted
-  only when their R, G and B channels are equal (an error otherwise: a red stroke is not a hole); alpha is ignored.
+  blurring) are binarized at that threshold with a :class:`SoftMaskWarning`. ``uint8``/``uint16`` masks whose
+  maximum is 1 are 0/1 label masks and read as such. Masks with alpha (RGBA, LA, transparent palette files;
+  2- or 4-channel arrays) are composited on black: transparent pixels are known whatever colour they store. Colour masks are accepted only when their R, G and B channels are equal (an error
+  otherwise: a red stroke is not a hole).
 - **Sizes**: image and mask must have the same size (an :class:`InputError` otherwise: resizing a mask silently
   moves the hole). Methods see inputs padded on the bottom/right to a multiple (8 by default, 64 where a method
   needs it): images by reflection, masks with zeros (padding is known context, never hole); the padding is
@@ -89,18 +90,20 @@ def _open(path: str | os.PathLike, name: str) -> Image.Image:
     return img
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    """PIL image -> numpy (H, W) or (H, W, 3) in its natural dtype (uint8, uint16 or float32)."""
+def _pil_to_array(img: Image.Image, *, keep_alpha: bool) -> np.ndarray:
+    """PIL image -> numpy (H, W), (H, W, 3) or, with ``keep_alpha``, (H, W, 2|4), in its natural dtype
+    (uint8, uint16 or float32)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return np.clip(np.asarray(img, dtype=np.int64), 0, 65535).astype(np.uint16)
     if mode == "F":
         return np.asarray(img, dtype=np.float32)
-    if mode in ("1", "L", "LA"):
-        return np.asarray(img.convert("L"))
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    # Alpha is dropped; colour masks must have equal channels (checked by _mask_from_numpy).
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(img.convert("LA" if keep_alpha and has_alpha else "L"))
+    if has_alpha:
+        rgba = np.asarray(img.convert("RGBA"))
+        return rgba if keep_alpha else rgba[..., :3]
     return np.asarray(img.convert("RGB"))
 
 
@@ -181,7 +184,7 @@ def load_image(x: ImageLike, *, name: str = "image") -> torch.Tensor:
         x = _open(x, name)
     if isinstance(x, Image.Image):
         _check_size(x.height, x.width, name)
-        return _image_from_numpy(_pil_to_array(x), name)
+        return _image_from_numpy(_pil_to_array(x, keep_alpha=False), name)
     if isinstance(x, np.ndarray):
         return _image_from_numpy(x, name)
     if isinstance(x, torch.Tensor):
@@ -199,25 +202,23 @@ def _binarize(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _mask_from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3]
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise InputError(f"{name}: colour mask (channels differ); pass a single-channel mask, e.g. "
-                             "arr[..., 0] or a grayscale image")
-        arr = rgb[..., 0]
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
     if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim == 3:
         arr = arr[None]
-    if arr.ndim != 3:
-        raise InputError(f"{name}: numpy masks must be (H,W), (H,W,1), (H,W,3) with equal channels or (B,H,W,1); "
-                         f"got shape {tuple(arr.shape)}")
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise InputError(f"{name}: numpy masks must be (H,W), (H,W,C) or (B,H,W,C) with C in 1-4 (gray, gray+alpha, "
+                         f"RGB, RGBA; channels last); got shape {tuple(arr.shape)}")
     _check_size(arr.shape[1], arr.shape[2], name)
-    if arr.dtype == np.uint8 and arr.max() <= 1:
-        arr = arr.astype(np.bool_)  # a 0/1 label mask stored as uint8
-    m = torch.from_numpy(np.ascontiguousarray(_scale_array(arr, name, "mask")))[:, None]
+    if arr.dtype in (np.uint8, np.uint16) and arr.max() <= 1:
+        arr = arr.astype(np.bool_)  # a 0/1 label mask stored as integers
+    x = _scale_array(arr, name, "mask")
+    if x.shape[-1] in (2, 4):  # alpha: composited on black, so transparent pixels are known whatever their colour
+        x = x[..., :-1] * x[..., -1:]
+    if x.shape[-1] == 3 and not (np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2])):
+        raise InputError(f"{name}: colour mask (channels differ); pass a single-channel mask, e.g. arr[..., 0] "
+                         "or a grayscale image")
+    m = torch.from_numpy(np.ascontiguousarray(x[..., :1])).permute(0, 3, 1, 2)
     return _binarize(m, name)
 
 
@@ -248,7 +249,7 @@ def load_mask(x: ImageLike, *, name: str = "mask") -> torch.Tensor:
         x = _open(x, name)
     if isinstance(x, Image.Image):
         _check_size(x.height, x.width, name)
-        return _mask_from_numpy(_pil_to_array(x), name)
+        return _mask_from_numpy(_pil_to_array(x, keep_alpha=True), name)
     if isinstance(x, np.ndarray):
         return _mask_from_numpy(x, name)
     if isinstance(x, torch.Tensor):
