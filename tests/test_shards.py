@@ -123,3 +123,12 @@ def test_sample_shards_idempotent_and_race_safe(tmp_path):
     assert manifest["splits"]["train"]["samples"] == 64 and manifest["splits"]["val"]["samples"] == 8
     first = next(iter(wds.WebDataset(again["train"][:1], shardshuffle=False)))
     assert decode_image(first["jpg"]).shape == (320, 320, 3)
+
+
+def test_samples_command(tmp_path, capsys):
+    from asuka.data.samples import main
+
+    main(["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "train: 8 shards" in out and "val: 2 shards" in out
+    assert str(tmp_path / SAMPLE_SET_NAME / "train-000000.tar") in out
