@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
 from asuka.data.shapes import ShapeBank, coco_annotation_polygons
