@@ -110,6 +110,19 @@ def test_fid_identical_features_is_zero_and_matches_gaussian_formulas():
     assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-7)
 
 
+@pytest.mark.parametrize("n,m,d", [(50, 80, 16), (12, 9, 64)])
+def test_fid_matches_torch_fidelity_including_rank_deficient(n, m, d):
+    """Same value as torch-fidelity's eigenvalue formula, also with fewer samples than dimensions."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, d, generator=g) * 3 + 1
+    b = torch.randn(m, d, generator=g) @ torch.randn(d, d, generator=g) * 0.3
+    stats = [{"mu": x.double().numpy().mean(0), "sigma": np.cov(x.double().numpy(), rowvar=False)} for x in (a, b)]
+    ref = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-6)  # eigvals of a singular product: ~1e-8 noise
+
+
 def test_kid_matches_hand_computed_unbiased_mmd():
     """With subset size = N every subset is the full set: KID = unbiased MMD² with k = (x·y/d + 1)³."""
     g = torch.Generator().manual_seed(0)

@@ -101,7 +101,7 @@ def save_random_inception_weights(path: str | Path, *, variant: str = "fidelity"
                 module.momentum = None
         model.train()
         with torch.no_grad():
-            model(torch.rand(4, 3, 299, 299) * 2 - 1)
+            model(torch.rand(2, 3, 160, 160) * 2 - 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
