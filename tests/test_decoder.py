@@ -278,3 +278,36 @@ def test_converter_names_missing_and_unexpected_keys(vae):
         load_harmonizing_decoder_checkpoint({"encoder.conv_in.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError):
         load_harmonizing_decoder_checkpoint("/nonexistent/base.ckpt")
+
+
+def test_export_loads_into_asuka_inpaint_pipeline(tiny_inpaint_dir_768, tmp_path):
+    """``AsukaInpaintPipeline.from_parts(..., vae=export)`` picks HarmonizingDecoderKL and conditions the decode."""
+    from diffusers import AutoencoderKL
+
+    from asuka.models.aligner import PriorAligner
+    from asuka.models.mae import MAEPrior
+    from asuka.pipelines.asuka import AsukaInpaintPipeline
+
+    torch.manual_seed(0)
+    mae = MAEPrior.tiny().eval()
+    PriorAligner(in_dim=mae.feature_dim, cross_attention_dim=768, num_blocks=1).save_pretrained(tmp_path / "aligner")
+    mae.save_pretrained(tmp_path / "mae")
+    decoder = HarmonizingDecoderKL.from_vae(AutoencoderKL.from_pretrained(tiny_inpaint_dir_768, subfolder="vae"))
+    _randomize(decoder.decoder.condition_encoder, 8)
+    decoder.save_pretrained(tmp_path / "decoder")
+    pipe = AsukaInpaintPipeline.from_parts(tiny_inpaint_dir_768, mae=tmp_path / "mae", aligner=tmp_path / "aligner",
+                                           vae=tmp_path / "decoder")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.vae, HarmonizingDecoderKL) and pipe.vae.config.condition_channels == 4
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3)).astype(np.uint8))
+    hole = np.zeros((64, 64), np.uint8)
+    hole[20:44, 12:40] = 255
+    kwargs = dict(num_inference_steps=2, paste_back=False)
+    latents = pipe(rgb, Image.fromarray(hole), output_type="latent", generator=torch.Generator().manual_seed(0),
+                   **kwargs).images
+    out = pipe(rgb, Image.fromarray(hole), output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
+    image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = torch.from_numpy(hole > 127)[None, None].float()
+    with torch.no_grad():
+        manual = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, image=image, mask=mask).sample
+    torch.testing.assert_close(out, (manual / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
