@@ -197,3 +197,54 @@ def test_mae_module_log_images_columns():
     assert all(c.shape == (2, 3, 48, 48) for c in columns.values())
     assert torch.equal(columns["composite"] * (1 - mask), batch["image"] * (1 - mask))
     assert torch.equal(columns["composite"] * mask, columns["prediction"] * mask)
+
+
+# ---------------------------------------------------------------------------------------------- MAE module options
+def test_mae_init_from_a_folder_or_a_mae_far_pth(tmp_path):
+    source = MAEModule(model=TINY_MAE).model
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    source.save_pretrained(tmp_path / "folder")
+    torch.save({"model": source.state_dict(), "epoch": 300}, tmp_path / "mae_far.pth")
+    for path in (tmp_path / "folder", tmp_path / "mae_far.pth"):
+        module = MAEModule(model=TINY_MAE, init_from=str(path))
+        module.setup("fit")
+        for (name, a), b in zip(source.state_dict().items(), module.model.state_dict().values()):
+            assert torch.equal(a, b), (path, name)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        MAEModule(model=TINY_MAE, init_from=str(tmp_path / "nothing.pth")).setup("fit")
+    with pytest.raises(ValueError, match="does not fit"):
+        MAEModule(model=dict(TINY_MAE, embed_dim=32), init_from=str(tmp_path / "folder")).setup("fit")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    batch = next(iter(PhotoDataModule(batch_size=2, size=32).train_dataloader()))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = MAEModule(model=TINY_MAE, gradient_checkpointing=checkpointing)
+        x, m = module._inputs(batch)
+        loss = module.model.forward_train(x, m, 0.75, generator=torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.model.parameters() if p.grad is not None]))
+    assert torch.allclose(results[0][0], results[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_bf16_mixed_training_steps_run_with_fp32_master_weights(tmp_path):
+    module = MAEModule(model=TINY_MAE, lr=1e-3)
+    trainer = _trainer(tmp_path, 2, precision="bf16-mixed", limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(module, datamodule=PhotoDataModule(batch_size=2, size=32, train_samples=4))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.callback_metrics["train/skipped_steps"] == 0
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_bad_mae_module_arguments():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MAEModule(model=TINY_MAE, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="init_format"):
+        MAEModule(model=TINY_MAE, init_format="timm")
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite"):
+        MAEModule(model=TINY_MAE, max_consecutive_nonfinite=0)
