@@ -73,3 +73,21 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(full_ema.state_dict()["ema_shadow"].values(), resumed_ema.state_dict()["ema_shadow"].values()):
         assert torch.equal(a, b)
+
+
+def test_ema_added_on_resume_starts_from_the_restored_weights(tmp_path):
+    seed_everything(0)
+    module = MAEModule(model=TINY_MAE, lr=1e-2)
+    data = PhotoDataModule(batch_size=4, size=32, train_samples=8)
+    first = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                    callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)])
+    first.fit(module, datamodule=data)
+    trained = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    ema = EMA(decay=0.999999)  # so close to 1 that the shadow barely moves from its start
+    resumed_module = MAEModule(model=TINY_MAE, lr=1e-2)
+    second = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                     callbacks=[ema, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)])
+    second.fit(resumed_module, datamodule=data, ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, shadow in ema.state_dict()["ema_shadow"].items():
+        assert torch.allclose(shadow, trained[name], atol=1e-5), name

@@ -5,7 +5,8 @@ included (the aligner's frozen SD UNet, VAE and MAE would be duplicated and aver
 swap writes averaged weights into ``state_dict``. This callback keeps fp32 shadows of the parameters with
 ``requires_grad=True`` only, updates them with one ``torch._foreach_lerp_`` per step (no host sync), swaps them in for
 validation (so image grids show the EMA model) and stores them in the callback's checkpoint state, where
-``trainers.export`` finds them. ``ema = decay·ema + (1-decay)·θ``; before ``start_step`` the shadow copies the weights.
+``trainers.export`` finds them. A run resumed from a checkpoint without EMA state starts the EMA from the restored
+weights. Not for sharded strategies (FSDP/DeepSpeed ZeRO-3): parameters must be whole on every rank. ``ema = decay·ema + (1-decay)·θ``; before ``start_step`` the shadow copies the weights.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class EMA(Callback):
         self._names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
         self._shadow: list[torch.Tensor] = []
+        self._pending: dict[str, torch.Tensor] | None = None
         self._last_step = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -40,11 +42,17 @@ class EMA(Callback):
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         self._names = [name for name, _ in named]
         self._params = [p for _, p in named]
-        self._shadow = [p.detach().float().clone() for p in self._params]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Strategies may move the module after setup; keep shadows beside their parameters.
-        self._shadow = [s.to(p.device) for s, p in zip(self._shadow, self._params)]
+        # After checkpoint restoration and device placement: start from the restored EMA state when there is one,
+        # else from the current (possibly restored) weights.
+        pending, self._pending = self._pending, None
+        with torch.no_grad():
+            if pending is None:
+                self._shadow = [p.detach().float().clone() for p in self._params]
+            else:
+                self._shadow = [pending[name].to(device=p.device, dtype=torch.float32) for name, p in
+                                zip(self._names, self._params)]
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -83,11 +91,13 @@ class EMA(Callback):
         unexpected = sorted(set(shadow) - set(self._names))
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the trainable parameters: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for name, tensor in zip(self._names, self._shadow):
-                tensor.copy_(shadow[name])
         self._last_step = state_dict["last_step"]
-
+        if self._shadow:  # strategies that restore after setup (restore_checkpoint_after_setup) come here late
+            with torch.no_grad():
+                for name, tensor in zip(self._names, self._shadow):
+                    tensor.copy_(shadow[name])
+        else:
+            self._pending = shadow  # applied in on_fit_start
 
 def find_ema_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The EMA shadow weights stored in a Lightning checkpoint by :class:`EMA`, or ``None``."""

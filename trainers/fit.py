@@ -75,6 +75,9 @@ def main(args: list[str] | None = None) -> Trainer:
     except NonFiniteLossError as error:
         print(f"\nTraining stopped: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from error
+    if trainer.interrupted:
+        print("\nTraining was interrupted; resume with --ckpt_path last (nothing exported).", flush=True)
+        return trainer
     export_to = cli.config.export_to
     exported = None
     if export_to:
