@@ -16,7 +16,8 @@ Contract for a stage module (subclass :class:`StageModule`):
 * ``configure_optimizers`` builds its optimizers with :func:`adamw` (fused AdamW). The base skips optimizer steps whose
   gradients are not finite **without a host sync**: ``on_before_optimizer_step`` computes the gradient norm (logged as
   ``train/grad_norm``) and hands ``found_inf = ~isfinite(norm)`` to the fused kernel — the mechanism
-  ``torch.amp.GradScaler`` uses — which then leaves weights, moments and step counts untouched. Under DDP the check runs
+  ``torch.amp.GradScaler`` uses — which then leaves weights, moments and step counts untouched (multi-optimizer stages
+  reuse :meth:`StageModule.nonfinite_flag` for one joint decision). Under DDP the check runs
   on all-reduced gradients, so every rank skips the same steps. Skips are counted on the device
   (``train/skipped_steps``); the host reads the consecutive-skip counter only every ``trainer.log_every_n_steps``
   steps (when Lightning synchronises for logging anyway), so a diverged run stops at most that many steps after
@@ -190,11 +191,20 @@ class StageModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
+        if grads:
+            optimizer.found_inf = self.nonfinite_flag(grads)  # read by the fused AdamW kernel: no update when 1
+
+    def nonfinite_flag(self, grads: list[torch.Tensor], losses: torch.Tensor | None = None) -> torch.Tensor:
+        """``found_inf`` (float 0-d tensor, 1 = skip) for one optimizer step, without a host sync.
+
+        Logs the gradient norm of ``grads`` as ``train/grad_norm`` and updates the skip counters. ``losses``
+        (optional) are also checked: stages with several optimizers (GAN) pass every loss of the iteration and
+        all gradients, then hand the same flag to each optimizer so they skip together.
+        """
         norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
         bad = ~torch.isfinite(norm)
-        optimizer.found_inf = bad.float()  # read by the fused AdamW kernel: no update when 1
+        if losses is not None:
+            bad = bad | ~torch.isfinite(losses).all()
         if self._nonfinite_run is None or self._nonfinite_run.device != norm.device:
             self._nonfinite_run = torch.zeros((), dtype=torch.int64, device=norm.device)
             self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=norm.device)
@@ -202,6 +212,7 @@ class StageModule(LightningModule):
         self._nonfinite_total = self._nonfinite_total + bad
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self._nonfinite_total.float(), on_step=True, on_epoch=False)
+        return bad.float()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None)  # host int kept by the datamodule
