@@ -183,22 +183,34 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path, asuka):
     np.testing.assert_array_equal(a, b)
 
 
-def test_from_parts_assembles_separate_exports(tmp_path, sd, parts, tiny_inpaint_dir_768):
+def test_from_parts_assembles_separate_exports_with_the_harmonizing_decoder(tmp_path, sd, parts,
+                                                                           tiny_inpaint_dir_768):
+    from asuka.models.decoder import HarmonizingDecoderKL
+
     mae, aligner = parts
     mae.save_pretrained(tmp_path / "mae")
     aligner.save_pretrained(tmp_path / "aligner")
-    vae = _tiny_asymmetric_vae(sd)
-    vae.save_pretrained(tmp_path / "decoder")
+    decoder = HarmonizingDecoderKL.from_vae(sd.vae).eval()
+    decoder.save_pretrained(tmp_path / "decoder")
     pipe = AsukaInpaintPipeline.from_parts(tiny_inpaint_dir_768, mae=tmp_path / "mae", aligner=tmp_path / "aligner",
                                            vae=tmp_path / "decoder")
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.vae, AsymmetricAutoencoderKL)
+    assert isinstance(pipe.vae, HarmonizingDecoderKL)
     assert type(pipe.scheduler) is type(sd.scheduler)
-    direct = _asuka(sd, parts, vae=vae)
-    kwargs = dict(num_inference_steps=2, output_type="np")
+    direct = _asuka(sd, parts, vae=decoder)
+    kwargs = dict(num_inference_steps=2, output_type="np", paste_back=False)
     a = pipe(_photo(data.rocket), _box_mask(), generator=torch.Generator().manual_seed(0), **kwargs).images
     b = direct(_photo(data.rocket), _box_mask(), generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_array_equal(a, b)
+    # The whole pipeline, decoder included, round-trips through model_index.json.
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["vae"] == ["asuka.models.decoder", "HarmonizingDecoderKL"]
+    loaded = AsukaInpaintPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, HarmonizingDecoderKL)
+    c = loaded(_photo(data.rocket), _box_mask(), generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_array_equal(a, c)
 
 
 def test_from_parts_missing_folder_is_clear(tmp_path, parts, tiny_inpaint_dir_768):

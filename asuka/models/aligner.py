@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # also how diffusers finds load methods via model_index.json
 from torch import nn
 
 BLOCK_TYPES = ("prenorm", "flux_single_stream")

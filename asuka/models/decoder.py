@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import MaskConditionDecoder, MaskConditionEncoder
+# diffusers resolves a model_index.json entry's load method through this module-level name:
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 
 MaskDownsample = Literal["area_any", "nearest"]
