@@ -84,6 +84,7 @@ def _reference(pipe: Path, rgb: np.ndarray, key: str) -> np.ndarray:
     return ((out[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()[:h, :w]
 
 
+@pytest.mark.slow
 def test_predict_job_writes_resumable_shards(shards, tiny_inpaint_dir, tmp_path):
     out = tmp_path / "aug"
     args = ["--config", str(CONFIG), "--pipeline", str(tiny_inpaint_dir), "--shards", str(shards),

@@ -154,6 +154,7 @@ def test_prepare_latent_aug_color_and_full_hole(tiny_inpaint_dir):
         _module(tiny_inpaint_dir, full_hole_prob=1.5)
 
 
+@pytest.mark.slow
 def test_training_updates_only_decoder_and_discriminator_after_start(tiny_inpaint_dir, tmp_path):
     module = _module(tiny_inpaint_dir, disc_start=2)
     encoder, decoder, disc = _snapshot(module.model.encoder), _snapshot(module.model.decoder), _snapshot(
