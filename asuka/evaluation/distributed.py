@@ -48,9 +48,13 @@ def torchrun_shard() -> Shard | None:
 
 
 def barrier() -> None:
-    """Wait for every torchrun rank (initialises a gloo process group once)."""
+    """Wait for every torchrun rank (a gloo process group, created here and torn down after the barrier
+    unless the caller already had one)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="gloo")
     dist.barrier()
+    if owned:
+        dist.destroy_process_group()

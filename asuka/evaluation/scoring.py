@@ -126,7 +126,8 @@ class MetricSuite:
             out["clip"] = self.clip(comp, gt, m)
         features = None
         if self.inception is not None:
-            features = (self.inception(gt).cpu(), self.inception(comp).cpu())
+            real, fake = self.inception(torch.cat([gt, comp])).cpu().chunk(2)
+            features = (real, fake)
         return out, features
 
 

@@ -99,9 +99,11 @@ def save_random_inception_weights(path: str | Path, *, variant: str = "fidelity"
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = None
+        aux, model.AuxLogits = model.AuxLogits, None  # the aux head (unused for features) needs 299² inputs
         model.train()
         with torch.no_grad():
             model(torch.rand(2, 3, 160, 160) * 2 - 1)
+        model.AuxLogits = aux
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
