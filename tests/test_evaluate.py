@@ -229,3 +229,29 @@ def test_cli_errors_are_one_line(misato, tmp_path, capsys):
     assert "no shard results" in capsys.readouterr().err
     with pytest.raises(InputError, match="--metrics clip needs --clip-model"):
         MetricConfig(metrics=["clip"]).resolved()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_on_rank0(misato, tmp_path):
+    """Two torchrun ranks split the set, meet at a gloo barrier, and rank 0 writes the same report as one process."""
+    import socket
+    import subprocess
+    import sys
+
+    preds = _gt_as_predictions(misato, tmp_path / "preds")
+    preds.joinpath("0001.png").write_bytes((misato / "512" / "image" / "0500.png").read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["evaluate", "--predictions", str(preds), "--data", str(misato), "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "asuka", *args, "--out", str(tmp_path / "tr")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "tr" / "shards").iterdir()) == ["0000-of-0002.json",
+                                                                              "0001-of-0002.json"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "tr" / "metrics.json").read_text())
+    assert json.dumps(one["by_hole_ratio"], sort_keys=True) == json.dumps(two["by_hole_ratio"], sort_keys=True)
+    assert one["overall"] == two["overall"] and one["overall"]["psnr"] < 70.0
