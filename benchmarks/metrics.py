@@ -56,7 +56,8 @@ def _save_clip_b32(folder: Path) -> Path:
 
     torch.manual_seed(0)
     CLIPModel(CLIPConfig()).save_pretrained(folder)  # defaults = ViT-B/32 at 224²
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer(folder / "tok")).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer(folder / "tok"))
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -105,7 +106,8 @@ def set_table(n: int) -> list[tuple[str, float, str]]:
     ours = fid_from_features(real, fake)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = [{"mu": x.double().numpy().mean(0), "sigma": np.cov(x.double().numpy(), rowvar=False)} for x in (real, fake)]
+    stats = [{"mu": x.double().numpy().mean(0), "sigma": np.cov(x.double().numpy(), rowvar=False)}
+             for x in (real, fake)]
     ref = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
     t_ref = time.perf_counter() - t0
     out.append(("fid (nuclear-norm form)", t_ours, f"{t_ref / t_ours:.1f}x faster than torch-fidelity "

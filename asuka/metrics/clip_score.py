@@ -31,12 +31,12 @@ class CLIPScore(nn.Module):
 
         if region not in ("hole", "full"):
             raise ValueError(f"region must be 'hole' or 'full', got {region!r}.")
-        name = str(model)
-        if (name.startswith((".", "/", "~")) or Path(name).expanduser().exists()) and not Path(name).expanduser().is_dir():
+        name, local = str(model), Path(model).expanduser()
+        if (name.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
             raise FileNotFoundError(f"--clip-model: no such folder {name!r} (a saved CLIPModel + CLIPProcessor, "
                                     f"or a hub id such as 'openai/clip-vit-large-patch14').")
-        if Path(name).expanduser().is_dir():
-            name = str(Path(name).expanduser())
+        if local.is_dir():
+            name = str(local)
         self.model_name = str(model)
         self.region = region
         self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)

@@ -32,7 +32,8 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, within: torch.Tensor |
     if pred.ndim != 4 or pred.shape[1] != 3:
         raise ValueError(f"pred must be (B,3,H,W) in [-1,1], got shape {tuple(pred.shape)}.")
     if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}.")
     if within is not None and (within.ndim != 4 or within.shape[1] != 1 or within.shape[0] != pred.shape[0]
                                or within.shape[-2:] != pred.shape[-2:]):
         raise ValueError(f"within must be (B,1,H,W) matching pred {tuple(pred.shape)}, got {tuple(within.shape)}.")
