@@ -164,6 +164,13 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
             block_out_channels=tuple(up_block_out_channels), layers_per_block=layers_per_up_block, act_fn=act_fn,
             norm_num_groups=norm_num_groups, condition_channels=condition_channels, mask_downsample=mask_downsample)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # ``block_out_channels`` and ``force_upcast`` are derived entries that AsymmetricAutoencoderKL.__init__
+        # registers itself (diffusers reads them, e.g. for vae_scale_factor); they are no __init__ arguments.
+        config_dict = {k: v for k, v in config_dict.items() if k not in ("block_out_channels", "force_upcast")}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def _decode(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 return_dict: bool = True):
         if (image is None) != (mask is None):
