@@ -66,6 +66,7 @@ def main(args: list[str] | None = None) -> Trainer:
         run=False,
         args=cli_args,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m trainers.fit", "description": __doc__.split("\n\n")[0]},
     )
     trainer = cli.trainer
     if cli.config.torch_threads is not None:
