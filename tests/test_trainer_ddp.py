@@ -1,4 +1,5 @@
-"""DDP on CPU: two gloo processes (``ddp_spawn``) stay in step — identical weights on both ranks after N steps."""
+"""DDP on CPU: two gloo processes (``ddp_spawn``) stay in step — identical weights on both ranks after N steps,
+including a step whose loss is NaN on one rank only (both ranks must skip it together)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, d
                 decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
 
 
+class OneRankNaNMAE(MAEModule):
+    """Rank 1's loss is NaN at optimizer step 1: the all-reduced gradients are then non-finite on every rank."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if (self.global_rank, self.global_step) == (1, 1) else loss
+
+
 class SaveRankWeights(Callback):
     """Every rank writes its flattened weights and the effective batch size it computed."""
 
@@ -22,13 +31,14 @@ class SaveRankWeights(Callback):
     def on_train_end(self, trainer, pl_module):
         weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         torch.save({"weights": weights, "effective_batch": pl_module.effective_batch_size(),
+                    "skipped": int(pl_module._nonfinite_total),
                     "lr": trainer.optimizers[0].param_groups[0]["initial_lr"]},
                    f"{self.folder}/rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_stay_in_step(tmp_path):
-    module = MAEModule(model=TINY_MAE, base_lr=0.05, warmup_steps=1)
+    module = OneRankNaNMAE(model=TINY_MAE, base_lr=0.05, warmup_steps=1)
     initial = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, accumulate_grad_batches=2, logger=False,
@@ -42,3 +52,4 @@ def test_two_cpu_processes_stay_in_step(tmp_path):
     assert rank0["lr"] == pytest.approx(0.05 * 8 / 256)
     assert not torch.equal(rank0["weights"], initial)  # it trained
     assert torch.equal(rank0["weights"], rank1["weights"])  # ...and both ranks hold the same weights
+    assert rank0["skipped"] == rank1["skipped"] == 1  # the one-rank NaN step was skipped on both
