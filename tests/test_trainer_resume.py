@@ -6,7 +6,15 @@ EMA and masking-noise generator: the per-step losses after resuming must equal t
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -91,3 +99,51 @@ def test_ema_added_on_resume_starts_from_the_restored_weights(tmp_path):
     second.fit(resumed_module, datamodule=data, ckpt_path=str(tmp_path / "last.ckpt"))
     for name, shadow in ema.state_dict()["ema_shadow"].items():
         assert torch.allclose(shadow, trained[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_reproduces_the_losses(tmp_path):
+    """The same through ``python -m trainers.fit`` processes: one killed with SIGKILL, one resumed with --ckpt_path."""
+    n = 3
+    support = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(support), os.environ.get("PYTHONPATH", "")])}
+
+    def fit(run: str, *callbacks: dict, ckpt_path: str | None = None) -> subprocess.CompletedProcess:
+        folder = tmp_path / run
+        config = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu", "devices": 1, "max_steps": 2 * n, "logger": False, "limit_val_batches": 0,
+                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(folder),
+                "callbacks": [
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"dirpath": str(folder / "ckpt"), "every_n_train_steps": n, "save_last": True,
+                                   "save_top_k": -1}},
+                    {"class_path": "trainers.ema.EMA", "init_args": {"decay": 0.9}},
+                    {"class_path": "trainer_support.LossLog", "init_args": {"path": str(tmp_path / f"{run}.txt")}},
+                    *callbacks,
+                ],
+            },
+            "model": {"class_path": "trainers.mae.MAEModule",
+                      "init_args": {"model": TINY_MAE, "base_lr": 0.02, "warmup_steps": 2, "min_lr": 1e-4}},
+            "data": {"class_path": "trainer_support.PhotoDataModule",
+                     "init_args": {"batch_size": 4, "size": 32, "train_samples": 12}},
+        }
+        path = tmp_path / f"{run}-{'resume' if ckpt_path else 'start'}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "trainers.fit", "--config", str(path)]
+        if ckpt_path:
+            command += ["--ckpt_path", ckpt_path]
+        return subprocess.run(command, cwd=support.parent, env=env, capture_output=True, text=True, timeout=600)
+
+    def losses(run: str) -> dict[int, str]:
+        return dict(line.split() for line in (tmp_path / f"{run}.txt").read_text().splitlines())
+
+    assert fit("full").returncode == 0
+    killed = fit("killed", {"class_path": "trainer_support.KillAt", "init_args": {"step": n}})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = fit("killed", ckpt_path="last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full, interrupted = losses("full"), losses("killed")
+    assert sorted(map(int, interrupted)) == list(range(1, 2 * n + 1))
+    assert interrupted == full  # same loss at every step, to the last bit (repr of the float)

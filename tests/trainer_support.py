@@ -6,9 +6,12 @@ batches as an uninterrupted run.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")
@@ -64,3 +67,25 @@ class PhotoDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(PhotoCrops(self.val_samples, self.size, seed=1), batch_size=self.batch_size)
+
+
+class LossLog(Callback):
+    """Appends ``step loss`` (repr of the float) to ``path`` after every optimizer step, flushed at once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+
+
+class KillAt(Callback):
+    """SIGKILLs its own process when optimizer step ``step`` begins (after the step-``step`` checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
