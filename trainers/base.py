@@ -22,7 +22,9 @@ Contract for a stage module (subclass :class:`StageModule`):
   (``train/skipped_steps``); the host reads the consecutive-skip counter only every ``trainer.log_every_n_steps``
   steps (when Lightning synchronises for logging anyway), so a diverged run stops at most that many steps after
   ``max_consecutive_nonfinite`` with a checkpoint of the last finite weights and :class:`NonFiniteLossError`.
-  Trade-off: the learning-rate scheduler still advances on a skipped step (as with GradScaler).
+  Trade-off: the learning-rate scheduler still advances on a skipped step (as with GradScaler). With
+  ``precision="16-mixed"`` Lightning's GradScaler runs the hook on unscaled gradients and then sets ``found_inf``
+  itself (same decision).
 * Subclasses overriding ``on_before_optimizer_step`` / ``on_train_batch_end`` / ``setup`` call ``super()``.
 * Data: a datamodule attribute ``skipped_samples`` (host int, e.g. ``InpaintingDataModule``) is logged as
   ``data/skipped_samples``.
