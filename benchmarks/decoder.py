@@ -92,12 +92,16 @@ def time_decoder(which: str, args, device: torch.device, dtype: torch.dtype) -> 
     z, image, mask = _inputs(args.size, device, dtype, args.batch)
     fn = _decode_fn(which, plain, harmonizing, image, mask)
     times = []
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.inference_mode():
-        fn(z)  # warm-up
-        _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        counter = FlopCounterMode(display=False)
+        with counter:  # warm-up, counting the FLOPs (device-independent cost)
+            fn(z)
+        _sync(device)
         for _ in range(args.repeats):
             start = time.perf_counter()
             fn(z)
@@ -105,7 +109,7 @@ def time_decoder(which: str, args, device: torch.device, dtype: torch.dtype) -> 
             times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-    return {"time": statistics.median(times), "peak": peak}
+    return {"time": statistics.median(times), "peak": peak, "flops": counter.get_total_flops()}
 
 
 def _worker(which, args, device, dtype, queue) -> None:
@@ -227,12 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         harmonizing = measure("harmonizing", args, device, dtype)
         ratio = harmonizing["time"] / plain["time"]
         print(f"\nDecode cost at {args.size}x{args.size}, batch {args.batch} (median of {args.repeats})")
-        print(f"{'decoder':<14}{'time (s)':>10}{'peak memory (MiB)':>20}")
+        print(f"{'decoder':<14}{'time (s)':>10}{'peak memory (MiB)':>20}{'GFLOP':>10}")
         for name, r in (("plain VAE", plain), ("harmonizing", harmonizing)):
-            print(f"{name:<14}{r['time']:>10.3f}{r['peak'] / 2**20:>20.0f}")
+            print(f"{name:<14}{r['time']:>10.3f}{r['peak'] / 2**20:>20.0f}{r['flops'] / 1e9:>10.0f}")
         verdict = "meets" if ratio <= TIME_GOAL else "misses"
         print(f"time ratio harmonizing / plain: {ratio:.2f}x ({verdict} the <= {TIME_GOAL}x goal); "
-              f"memory ratio {harmonizing['peak'] / max(plain['peak'], 1):.2f}x")
+              f"memory ratio {harmonizing['peak'] / max(plain['peak'], 1):.2f}x; "
+              f"FLOP ratio {harmonizing['flops'] / max(plain['flops'], 1):.2f}x")
 
     if not args.skip_consistency:
         size = args.consistency_size or args.size
