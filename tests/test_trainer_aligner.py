@@ -135,7 +135,6 @@ def test_mismatched_parts_are_named(mae_dir, tiny_inpaint_dir, tmp_path):
         AlignerModule(mae=str(mae_dir), sd_inpaint=str(tmp_path), aligner=TINY_ALIGNER).load_pretrained()
 
 
-@pytest.mark.slow
 def test_a_few_training_steps_checkpoint_only_the_aligner_and_export(mae_dir, tiny_inpaint_dir, tmp_path):
     module = AlignerModule(mae=str(mae_dir), sd_inpaint=str(tiny_inpaint_dir), aligner=TINY_ALIGNER,
                            frozen_dtype="float32", lr=1e-3, p_decay_steps=2, val_sampling_steps=2)
