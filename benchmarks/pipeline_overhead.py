@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{res}x{res}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, batch 1, "
           f"median of {args.repeats} (after 1 warm-up)\n")
-    print(f"| stage | seconds |\n|---|---:|")
+    print("| stage | seconds |\n|---|---:|")
     for name, value in times.items():
         print(f"| {name} | {value:.4f} |")
     total = totals(times, args.steps)
