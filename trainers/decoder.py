@@ -290,18 +290,7 @@ class DecoderModule(StageModule):
         if optimizer is optimizers[0]:
             grads = [p.grad for opt in optimizers for group in opt.param_groups for p in group["params"]
                      if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
-            bad = ~torch.isfinite(norm)
-            if self._step_losses is not None:
-                bad = bad | ~torch.isfinite(self._step_losses)
-            if self._nonfinite_run is None or self._nonfinite_run.device != norm.device:
-                self._nonfinite_run = torch.zeros((), dtype=torch.int64, device=norm.device)
-                self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=norm.device)
-            self._nonfinite_run = torch.where(bad, self._nonfinite_run + 1, 0)
-            self._nonfinite_total = self._nonfinite_total + bad
-            self._found_inf = bad.float()
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-            self.log("train/skipped_steps", self._nonfinite_total.float(), on_step=True, on_epoch=False)
+            self._found_inf = self.nonfinite_flag(grads, self._step_losses)
         optimizer.found_inf = self._found_inf
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
