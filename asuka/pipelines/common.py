@@ -180,16 +180,7 @@ def load_image(x: ImageLike, *, name: str = "image") -> torch.Tensor:
     Accepts a path, a PIL image, a numpy array (channels last; uint8, uint16 or float in [0, 1]) or a tensor
     that already follows the convention. See the module docstring for every conversion.
     """
-    if isinstance(x, (str, os.PathLike)):
-        x = _open(x, name)
-    if isinstance(x, Image.Image):
-        _check_size(x.height, x.width, name)
-        return _image_from_numpy(_pil_to_array(x, keep_alpha=False), name)
-    if isinstance(x, np.ndarray):
-        return _image_from_numpy(x, name)
-    if isinstance(x, torch.Tensor):
-        return _image_from_tensor(x, name)
-    raise InputError(f"{name}: unsupported type {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
+    return _convert(x, name, from_numpy=_image_from_numpy, from_tensor=_image_from_tensor, keep_alpha=False)
 
 
 def _binarize(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -245,15 +236,21 @@ def _mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def load_mask(x: ImageLike, *, name: str = "mask") -> torch.Tensor:
     """Any mask input -> float32 ``(B, 1, H, W)`` in ``{0, 1}``, 1 = hole (threshold :data:`MASK_THRESHOLD`)."""
+    return _convert(x, name, from_numpy=_mask_from_numpy, from_tensor=_mask_from_tensor, keep_alpha=True)
+
+
+def _convert(x: ImageLike, name: str, *, from_numpy: Callable[[np.ndarray, str], torch.Tensor],
+             from_tensor: Callable[[torch.Tensor, str], torch.Tensor], keep_alpha: bool) -> torch.Tensor:
+    """Dispatch one image-like input (path, PIL, numpy, tensor) to the converter for its type."""
     if isinstance(x, (str, os.PathLike)):
         x = _open(x, name)
     if isinstance(x, Image.Image):
         _check_size(x.height, x.width, name)
-        return _mask_from_numpy(_pil_to_array(x, keep_alpha=True), name)
+        return from_numpy(_pil_to_array(x, keep_alpha=keep_alpha), name)
     if isinstance(x, np.ndarray):
-        return _mask_from_numpy(x, name)
+        return from_numpy(x, name)
     if isinstance(x, torch.Tensor):
-        return _mask_from_tensor(x, name)
+        return from_tensor(x, name)
     raise InputError(f"{name}: unsupported type {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
 
 
