@@ -158,8 +158,9 @@ class MAEModule(StageModule):
             group["name"] = name  # TensorBoard: lr/decay, lr/no_decay
         optimizer = adamw(groups, lr=lr, betas=tuple(hp.betas))
         total = self.total_training_steps()
+        source = "fixed lr" if hp.lr is not None else f"base_lr {hp.base_lr} × {effective}/256"
         rank_zero_info(
-            f"MAE fine-tuning: effective batch {effective}, lr {lr:.3g} (base_lr {hp.base_lr} × {effective}/256), "
+            f"MAE fine-tuning: effective batch {effective}, lr {lr:.3g} ({source}), "
             f"{hp.warmup_steps} warm-up of {total} steps"
         )
         scheduler = warmup_cosine_scheduler(
