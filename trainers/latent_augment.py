@@ -44,7 +44,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
-from asuka.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME, decode_image, encode_image, read_manifest, write_manifest
+from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
+                               manifest_splits, write_manifest)
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
 
@@ -92,13 +93,6 @@ class ShardJob:
     source: str
     target: str
     samples: int
-
-
-def _count_samples(path: str) -> int:
-    import tarfile
-
-    with tarfile.open(path) as tar:
-        return len({m.name.split("/")[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -259,9 +253,7 @@ def _inputs(shards: str | Sequence[str] | None, split: str) -> tuple[dict[str, l
 
         splits = ensure_sample_shards()
     elif isinstance(shards, (str, Path)) and Path(shards).is_dir():
-        manifest = read_manifest(shards)
-        splits = {name: [str(Path(shards, e["name"]).resolve()) for e in info["shards"]]
-                  for name, info in manifest["splits"].items()}
+        splits = manifest_splits(shards)
     else:
         urls = [shards] if isinstance(shards, (str, Path)) else list(shards)
         splits = {split: [u for s in urls for u in wds.shardlists.expand_urls(str(s))]}
@@ -335,7 +327,7 @@ def run(
     runner = Trainer(**{"logger": False, "enable_checkpointing": False, **(trainer or {}),
                         "use_distributed_sampler": False, "callbacks": [ShardWriter()]})
     pending = [job for job in jobs if not is_done(job)]
-    mine = [ShardJob(j.split, j.source, j.target, _count_samples(j.source))
+    mine = [ShardJob(j.split, j.source, j.target, count_samples(j.source))
             for j in pending[runner.global_rank::runner.world_size]]
     if runner.is_global_zero:
         print(f"latent augmentation: {len(jobs)} shards, {len(jobs) - len(pending)} already done, "

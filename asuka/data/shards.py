@@ -23,7 +23,8 @@ import numpy as np
 
 __all__ = [
     "clean_key", "unique_keys", "encode_image", "decode_image", "resize_short_side", "write_shards",
-    "describe_shard", "write_manifest", "read_manifest", "manifest_shards", "MANIFEST_NAME", "IMAGE_EXTENSIONS",
+    "count_samples", "describe_shard", "write_manifest", "read_manifest", "manifest_shards", "manifest_splits",
+    "MANIFEST_NAME", "IMAGE_EXTENSIONS",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -83,6 +84,12 @@ def resize_short_side(rgb: np.ndarray, size: int | None) -> tuple[np.ndarray, fl
     return out, scale
 
 
+def count_samples(path: str | Path) -> int:
+    """Number of samples (distinct keys) in a tar shard."""
+    with tarfile.open(path) as tar:
+        return len({m.name.split("/")[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+
+
 def describe_shard(path: str | Path) -> dict:
     """Manifest entry of one tar shard: name, number of samples (distinct keys), bytes, sha256."""
     path = Path(path)
@@ -90,9 +97,8 @@ def describe_shard(path: str | Path) -> dict:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    with tarfile.open(path) as tar:
-        keys = {m.name.split("/")[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-    return {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"name": path.name, "samples": count_samples(path), "bytes": path.stat().st_size,
+            "sha256": digest.hexdigest()}
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "train", *, maxcount: int = 1000,
@@ -146,4 +152,13 @@ def manifest_shards(out_dir: str | Path, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} not in {out_dir}/{MANIFEST_NAME}; it has {sorted(manifest['splits'])} "
                          f"(write it with `python -m asuka.data.make_shards --split {split} ...`)")
-    return [str(Path(out_dir, e["name"]).resolve()) for e in manifest["splits"][split]["shards"]]
+    return _shard_paths(out_dir, manifest["splits"][split])
+
+
+def manifest_splits(out_dir: str | Path) -> dict[str, list[str]]:
+    """``{split: absolute shard paths}`` for every split of ``out_dir``'s manifest."""
+    return {name: _shard_paths(out_dir, info) for name, info in read_manifest(out_dir)["splits"].items()}
+
+
+def _shard_paths(out_dir: str | Path, split_info: dict) -> list[str]:
+    return [str(Path(out_dir, e["name"]).resolve()) for e in split_info["shards"]]
