@@ -88,6 +88,7 @@ def save_tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny randomly initialised ``CLIPModel`` + ``CLIPProcessor`` folder (tests and benchmarks only)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+    from asuka.models.seeding import seeded
     from asuka.models.tiny import tiny_tokenizer
 
     path = Path(path)
@@ -100,8 +101,7 @@ def save_tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = CLIPModel(config)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     model.save_pretrained(path)

@@ -87,10 +87,11 @@ def save_random_inception_weights(path: str | Path, *, variant: str = "fidelity"
     """Write randomly initialised Inception-v3 weights in ``variant``'s layout (tests and benchmarks only)."""
     import torchvision.models as tvm
 
+    from asuka.models.seeding import seeded
+
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         if variant == "fidelity":  # torch-fidelity's module names equal torchvision's; its fc has 1008 classes
             model = tvm.inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008)
         else:

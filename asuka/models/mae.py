@@ -33,6 +33,8 @@ from diffusers.utils import BaseOutput
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
+from asuka.models.seeding import seeded
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -324,8 +326,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         config = dict(img_size=256, patch_size=16, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                       decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
         config.update(overrides)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return cls(**config)
 
     @torch.no_grad()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from asuka.models.seeding import seeded
 
 TINY_CROSS_ATTENTION_DIM = 32
 SD15_CROSS_ATTENTION_DIM = 768
@@ -40,14 +39,6 @@ _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBl
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 _VAE_DOWN = ("DownEncoderBlock2D",) * 4
 _VAE_UP = ("UpDecoderBlock2D",) * 4
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's default generator for weight init without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _unet(widths: tuple[int, ...], groups: int, heads: int, in_channels: int, cross_attention_dim: int,
@@ -69,13 +60,13 @@ def _unet(widths: tuple[int, ...], groups: int, heads: int, in_channels: int, cr
 def tiny_unet(in_channels: int = 9, cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, seed: int = 0,
               sample_size: int = 8) -> UNet2DConditionModel:
     """SD-1.5 UNet layout at width (32, 32, 64, 64). ``in_channels`` 9 = inpainting, 4 = text-to-image."""
-    with _seeded(seed):
+    with seeded(seed):
         return _unet((32, 32, 64, 64), 8, 2, in_channels, cross_attention_dim, sample_size).eval()
 
 
 def sd15_unet(in_channels: int = 9, seed: int = 0) -> UNet2DConditionModel:
     """SD-1.5-sized UNet (about 860M parameters) with random weights, for benchmarks."""
-    with _seeded(seed):
+    with seeded(seed):
         return _unet((320, 640, 1280, 1280), 32, 8, in_channels, SD15_CROSS_ATTENTION_DIM, 64).eval()
 
 
@@ -96,13 +87,13 @@ def _vae(widths: tuple[int, ...], groups: int, sample_size: int) -> AutoencoderK
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """SD's VAE layout (4 levels, factor 8, 4 latent channels, scaling 0.18215) at width (8, 16, 32, 32)."""
-    with _seeded(seed):
+    with seeded(seed):
         return _vae((8, 16, 32, 32), 4, 64).eval()
 
 
 def sd15_vae(seed: int = 0) -> AutoencoderKL:
     """SD-1.5-sized VAE (widths 128/256/512/512) with random weights, for benchmarks."""
-    with _seeded(seed):
+    with seeded(seed):
         return _vae((128, 256, 512, 512), 32, 512).eval()
 
 
@@ -164,7 +155,7 @@ def tiny_text_encoder(hidden_size: int = TINY_CROSS_ATTENTION_DIM, vocab_size: i
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
-    with _seeded(seed):
+    with seeded(seed):
         return CLIPTextModel(config).eval()
 
 
@@ -172,7 +163,7 @@ def sd15_text_encoder(seed: int = 0) -> CLIPTextModel:
     """CLIP ViT-L/14 text tower (SD-1.5's text encoder) with random weights, for benchmarks."""
     config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                             vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-    with _seeded(seed):
+    with seeded(seed):
         return CLIPTextModel(config).eval()
 
 

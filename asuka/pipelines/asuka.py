@@ -34,6 +34,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
+from asuka.models.seeding import seeded
 from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
 from asuka.pipelines.common import paste_back as paste_known_pixels
 from asuka.pipelines.registry import register_method
@@ -280,8 +281,7 @@ def default_tiny_asuka_dir() -> Path:
     if not (path / "model_index.json").is_file():
         parts = tiny_sd_components(cross_attention_dim=768)
         mae = MAEPrior.tiny()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded(0):
             aligner = PriorAligner(in_dim=mae.feature_dim, cross_attention_dim=768, num_blocks=2)
         pipe = AsukaInpaintPipeline(vae=parts["vae"], unet=parts["unet"], scheduler=parts["scheduler"], mae=mae,
                                     aligner=aligner)
