@@ -129,7 +129,6 @@ class AlignerModule(StageModule):
         self.unet: UNet2DConditionModel | None = None
         self.vae: AutoencoderKL | None = None
         self.noise_scheduler: DDPMScheduler | None = None
-        self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ weights
     def exportable(self) -> PriorAligner:
@@ -182,16 +181,6 @@ class AlignerModule(StageModule):
         if self.unet is None:
             raise RuntimeError("frozen parts not loaded: call load_pretrained() (Lightning does in setup('fit'))")
 
-    # ------------------------------------------------------------------ randomness
-    def _rng(self, batch_idx: int) -> torch.Generator:
-        """Generator seeded by (seed, optimizer step, micro-batch, rank): resumable and distinct per rank."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        trainer = self.trainer
-        accumulate, world, rank = trainer.accumulate_grad_batches, trainer.world_size, trainer.global_rank
-        micro = self.global_step * accumulate + batch_idx % accumulate
-        return self._generator.manual_seed(((self.hparams.seed * 1_000_003 + micro) * world + rank) % 2**63)
-
     # ------------------------------------------------------------------ loss
     def condition(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Aligner output for the MAE prior of the masked image; ``mask`` zeroed per sample = reconstructed prior."""
@@ -231,7 +220,7 @@ class AlignerModule(StageModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, mask = batch["image"], batch["mask"]
-        generator = self._rng(batch_idx)
+        generator = self.step_generator(batch_idx)
         p = self.reconstructed_probability()
         mae_mask = swap_to_reconstructed(mask, p, generator)
         loss = self.diffusion_loss(image, mask, mae_mask, generator)
@@ -242,7 +231,7 @@ class AlignerModule(StageModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, mask = batch["image"], batch["mask"]
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)  # fixed cases
+        generator = self.validation_generator(batch_idx)
         loss = self.diffusion_loss(image, mask, mask, generator)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
 

@@ -97,6 +97,7 @@ class StageModule(LightningModule):
         self._nonfinite_run: torch.Tensor | None = None  # consecutive skipped steps (device)
         self._nonfinite_total: torch.Tensor | None = None  # skipped steps since the process started (device)
         self._last_nonfinite_check = -1
+        self._generator: torch.Generator | None = None  # reused by seeded_generator (one per device)
 
     # ------------------------------------------------------------------ stage hooks
     def exportable(self) -> torch.nn.Module:
@@ -113,6 +114,27 @@ class StageModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.load_pretrained()
+
+    # ------------------------------------------------------------------ randomness
+    def seeded_generator(self, seed: int) -> torch.Generator:
+        """This module's device generator (allocated once per device), re-seeded with ``seed % 2**63``."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        return self._generator.manual_seed(seed % 2**63)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Generator seeded by (``hparams.seed``, optimizer step, micro-batch, rank).
+
+        A resumed run draws exactly what an uninterrupted one would, and every rank draws differently.
+        """
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        micro = self.global_step * accumulate + batch_idx % accumulate
+        return self.seeded_generator((self.hparams.seed * 1_000_003 + micro) * trainer.world_size + trainer.global_rank)
+
+    def validation_generator(self, batch_idx: int) -> torch.Generator:
+        """A fresh generator seeded by ``hparams.seed + batch_idx``: the same draws for each fixed validation case."""
+        return torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
 
     # ------------------------------------------------------------------ batch size and learning-rate scaling
     def per_device_batch_size(self) -> int:

@@ -158,7 +158,6 @@ class DecoderModule(StageModule):
         self.plain_post_quant_conv.requires_grad_(False)
         self.perceptual = PerceptualLoss(perceptual_net, lpips_backbone, lpips_linear, lpips_random_backbone)
         self.discriminator = NLayerDiscriminator(config["out_channels"], disc_channels, disc_layers)
-        self._generator: torch.Generator | None = None
         self._found_inf: torch.Tensor | None = None
         self._step_losses: torch.Tensor | None = None
 
@@ -203,10 +202,8 @@ class DecoderModule(StageModule):
         return self.global_step // OPTIMIZER_STEPS_PER_ITERATION
 
     def _rng(self, step: int, stream: int = 0) -> torch.Generator:
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        return self._generator.manual_seed((((self.hparams.seed * 1_000_003 + step) * 4 + stream) * 4099 + rank) % 2**63)
+        return self.seeded_generator(((self.hparams.seed * 1_000_003 + step) * 4 + stream) * 4099 + rank)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator, *, augment: bool = True,
                 full_hole: bool = True) -> dict[str, torch.Tensor]:

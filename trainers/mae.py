@@ -73,7 +73,6 @@ class MAEModule(StageModule):
         self.model = MAEPrior(**(model or {}))
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
-        self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ weights
     def exportable(self) -> MAEPrior:
@@ -113,17 +112,10 @@ class MAEModule(StageModule):
         m = (F.interpolate(mask.to(x.dtype), size=(size, size), mode="nearest") > 0.5).to(x.dtype)
         return x, m
 
-    def _masking_generator(self, micro_step: int) -> torch.Generator:
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        return self._generator.manual_seed(((self.hparams.seed * 1_000_003 + micro_step) * world + rank) % 2**63)
-
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, m = self._inputs(batch)
-        accumulate = self.trainer.accumulate_grad_batches
-        generator = self._masking_generator(self.global_step * accumulate + batch_idx % accumulate)
+        generator = self.step_generator(batch_idx)
         out = self.model.forward_train(
             x, m, self.hparams.mask_ratio, generator=generator, norm_pix=self.hparams.norm_pix
         )
@@ -132,7 +124,7 @@ class MAEModule(StageModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x, m = self._inputs(batch)
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)  # fixed cases
+        generator = self.validation_generator(batch_idx)
         out = self.model.forward_train(
             x, m, self.hparams.mask_ratio, generator=generator, norm_pix=self.hparams.norm_pix
         )
