@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asuka.pipelines.common import to_uint8
+
 
 def _embedding(output) -> torch.Tensor:
     """transformers < 5 returns a tensor from ``get_*_features``; >= 5 a ModelOutput with ``pooler_output``."""
@@ -51,7 +53,7 @@ class CLIPScore(nn.Module):
         """L2-normalised CLIP image embeddings for (B,3,H,W) images in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B,3,H,W) in [-1,1], got shape {tuple(images.shape)}.")
-        uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        uint8 = to_uint8(images).cpu()
         pixels = self.processor(images=list(uint8), return_tensors="pt")["pixel_values"].to(self.device)
         emb = _embedding(self.model.get_image_features(pixel_values=pixels))
         return emb / emb.norm(dim=-1, keepdim=True)

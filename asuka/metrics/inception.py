@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asuka.pipelines.common import to_uint8
+
 from .weights import WeightSource, load_state_dict_file, resolve_weights
 
 FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -77,9 +79,9 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B,3,H,W) in [-1,1], got shape {tuple(images.shape)}.")
-        unit = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         if self.variant == "fidelity":
-            return self.model((unit * 255.0).round().to(torch.uint8))[0]
+            return self.model(to_uint8(images))[0]
+        unit = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         return self.model(self.preprocess(unit)).float()
 
 

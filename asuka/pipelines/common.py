@@ -361,8 +361,12 @@ def to_numpy_uint8(x: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (B,3,H,W) -> uint8 (B,H,W,3), or (3,H,W) -> (H,W,3); exact inverse of 8-bit loading."""
     if x.ndim not in (3, 4) or x.shape[-3] != 3:
         raise InputError(f"to_numpy_uint8: expected (3,H,W) or (B,3,H,W) images; got shape {tuple(x.shape)}")
-    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u8.movedim(-3, -1).cpu().numpy()
+    return to_uint8(x).movedim(-3, -1).cpu().numpy()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 tensor in [0, 255], same shape and device (clamped, rounded to nearest)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
@@ -449,6 +453,6 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 __all__: Sequence[str] = (
     "MASK_THRESHOLD", "DEFAULT_MULTIPLE", "DEFAULT_MAX_SIZE", "InputError", "InputFileNotFoundError",
     "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "pad_to_multiple",
-    "crop_padding", "resize_image", "resize_mask", "paste_back", "to_numpy_uint8", "to_pil", "mask_to_pil",
+    "crop_padding", "resize_image", "resize_mask", "paste_back", "to_uint8", "to_numpy_uint8", "to_pil", "mask_to_pil",
     "run_inpainting", "list_image_files",
 )
