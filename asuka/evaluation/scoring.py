@@ -158,9 +158,10 @@ def score_items(items: Sequence[EvalItem], predictions: str | Path, suite: Metri
                 (item, _load_prediction(paths[item.key], gt, item.key), gt, mask))
         for group in groups.values():
             values, feats = suite.score(*(torch.cat([g[i] for g in group]) for i in (1, 2, 3)))
+            columns = {k: v.tolist() for k, v in values.items()}  # one host transfer per metric, not per image
             for row, (item, *_rest) in enumerate(group):
                 records.append({"key": item.key, "domain": item.domain,
-                                **{k: _finite_or_none(v[row].item()) for k, v in values.items()}})
+                                **{k: _finite_or_none(column[row]) for k, column in columns.items()}})
             if feats is not None:
                 reals.append(feats[0])
                 fakes.append(feats[1])
