@@ -14,8 +14,11 @@ with random weights, for benchmarks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -133,8 +136,6 @@ def write_tiny_tokenizer(path: str | Path) -> Path:
 
 def tiny_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
     """A real ``CLIPTokenizer`` (max length 77) over the locally generated vocabulary."""
-    import tempfile
-
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="asuka-tiny-tokenizer-"))
     path = write_tiny_tokenizer(path)
@@ -213,20 +214,26 @@ def save_tiny_sd(path: str | Path, cross_attention_dim: int = TINY_CROSS_ATTENTI
     return _save(StableDiffusionPipeline, path, 4, cross_attention_dim, seed)
 
 
-def default_tiny_inpaint_dir() -> Path:
-    """The tiny SD-inpainting folder used by demos, written once to a cache folder.
+def cached_pipeline_dir(name: str, write: Callable[[Path], object]) -> Path:
+    """A demo pipeline folder ``<cache>/<name>`` (cache: ``$ASUKA_CACHE`` or ``~/.cache/asuka``), written once.
 
-    Location: ``$ASUKA_CACHE`` or ``~/.cache/asuka``, under ``tiny-sd-inpaint``.
+    ``write(folder)`` saves the pipeline into a fresh temporary folder, which is then renamed into place, so a
+    reader never sees a half-written folder; when another process finished first, its copy is kept.
     """
-    import os
-
     root = Path(os.environ.get("ASUKA_CACHE", Path.home() / ".cache" / "asuka"))
-    path = root / "tiny-sd-inpaint"
+    path = root / name
     if not (path / "model_index.json").is_file():
-        tmp = root / f"tiny-sd-inpaint.tmp{os.getpid()}"
-        save_tiny_sd_inpaint(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=root))
+        write(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def default_tiny_inpaint_dir() -> Path:
+    """The tiny SD-inpainting folder used by demos, written once to the cache folder (:func:`cached_pipeline_dir`)
+    under ``tiny-sd-inpaint``."""
+    return cached_pipeline_dir("tiny-sd-inpaint", save_tiny_sd_inpaint)

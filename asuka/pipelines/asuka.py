@@ -270,29 +270,17 @@ def default_tiny_asuka_dir() -> Path:
     """A tiny random ASUKA pipeline folder for the offline CLI demo (written once to ``$ASUKA_CACHE`` or
     ``~/.cache/asuka``, under ``tiny-asuka``): the tiny SD-inpaint layout with 768-d cross-attention, a tiny MAE
     and a 2-block aligner. Random weights: it shows the plumbing, not ASUKA's quality."""
-    import os
-    import shutil
-    import tempfile
+    from asuka.models.tiny import cached_pipeline_dir, tiny_sd_components
 
-    from asuka.models.tiny import tiny_sd_components
-
-    root = Path(os.environ.get("ASUKA_CACHE", Path.home() / ".cache" / "asuka"))
-    path = root / "tiny-asuka"
-    if not (path / "model_index.json").is_file():
+    def write(folder: Path) -> None:
         parts = tiny_sd_components(cross_attention_dim=768)
         mae = MAEPrior.tiny()
         with seeded(0):
             aligner = PriorAligner(in_dim=mae.feature_dim, cross_attention_dim=768, num_blocks=2)
-        pipe = AsukaInpaintPipeline(vae=parts["vae"], unet=parts["unet"], scheduler=parts["scheduler"], mae=mae,
-                                    aligner=aligner)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-asuka.", dir=root))
-        pipe.save_pretrained(tmp)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        AsukaInpaintPipeline(vae=parts["vae"], unet=parts["unet"], scheduler=parts["scheduler"], mae=mae,
+                             aligner=aligner).save_pretrained(folder)
+
+    return cached_pipeline_dir("tiny-asuka", write)
 
 
 @register_method("asuka", default_model=default_tiny_asuka_dir,
