@@ -245,15 +245,12 @@ class _Transform:
     def _mask_rng(self, key: str) -> np.random.Generator:
         raise NotImplementedError
 
-    def _aug_rng(self, key: str) -> np.random.Generator:
-        raise NotImplementedError
-
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
             try:
                 key = sample["__key__"]
                 image, paired, present = self._decode(sample)
-                geometry = self._geometry(image, self._aug_rng(key))
+                geometry = self._geometry(image, self.state.aug_rng)
                 out = {"key": key, "image": geometry(image),
                        "mask": self.mask_generator(self.resolution, self.resolution, self._mask_rng(key))}
                 for name, arr in paired.items():
@@ -276,9 +273,6 @@ class TrainTransform(_Transform):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
 
-    def _aug_rng(self, key: str) -> np.random.Generator:
-        return self.state.aug_rng
-
     def _mask_rng(self, key: str) -> np.random.Generator:
         return self.state.mask_rng
 
@@ -298,9 +292,6 @@ class ValTransform(_Transform):
     """Centre crop to ``resolution``; the mask is seeded by the sample key (identical every run)."""
 
     mask_seed: int = 0
-
-    def _aug_rng(self, key: str) -> np.random.Generator:
-        return self.state.aug_rng
 
     def _mask_rng(self, key: str) -> np.random.Generator:
         return np.random.default_rng(key_seed(key, self.mask_seed))
