@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
+from trainers.sources import expand_tiny
 
 __all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
 
@@ -67,10 +68,7 @@ def swap_to_reconstructed(mask: torch.Tensor, p: float, generator: torch.Generat
 
 def sd_inpaint_source(path: str | Path) -> str:
     """An SD-inpainting pipeline folder (must hold ``unet/``), a hub id, or ``"tiny"`` (the tiny CPU-demo folder)."""
-    if str(path) == "tiny":
-        from asuka.models.tiny import default_tiny_inpaint_dir
-
-        return str(default_tiny_inpaint_dir())
+    path = expand_tiny(path)
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute() or str(path).startswith("."):
         if not (p / "unet" / "config.json").is_file():

@@ -45,6 +45,7 @@ from asuka.models.decoder import HarmonizingDecoderKL, decoder_widths
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.color_augment import color_jitter, sample_params
 from trainers.losses import NLayerDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss, kl_loss, nll_loss
+from trainers.sources import expand_tiny
 
 __all__ = ["DecoderModule", "vae_folder"]
 
@@ -57,11 +58,7 @@ def vae_folder(path: str | Path) -> Path:
 
     ``"tiny"`` names the tiny random SD-inpainting folder of the CPU demos (``asuka.models.tiny``).
     """
-    if str(path) == "tiny":
-        from asuka.models.tiny import default_tiny_inpaint_dir
-
-        path = default_tiny_inpaint_dir()
-    path = Path(path)
+    path = Path(expand_tiny(path))
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()).get(
                 "_class_name") == "AutoencoderKL":

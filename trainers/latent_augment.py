@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
                                manifest_splits, write_manifest)
+from trainers.sources import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
 
@@ -316,10 +317,7 @@ def run(
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    if pipeline == "tiny":
-        from asuka.models.tiny import default_tiny_inpaint_dir
-
-        pipeline = str(default_tiny_inpaint_dir())
+    pipeline = expand_tiny(pipeline)
     splits, input_dir = _inputs(shards, split)
     out = Path(output_dir) if output_dir is not None else input_dir / "latent-aug"
     out.mkdir(parents=True, exist_ok=True)
