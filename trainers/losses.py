@@ -90,8 +90,8 @@ def nll_loss(pred: torch.Tensor, target: torch.Tensor, perceptual: torch.Tensor 
     """``(nll, l1, lpips)``: LDM's ``Σ(|x-x̂| + w·LPIPS)/B`` plus the batch means of its two parts (for logging)."""
     l1 = (target.float() - pred.float()).abs()
     rec = l1 if perceptual is None else l1 + perceptual_weight * perceptual
-    zero = torch.zeros((), device=pred.device)
-    return rec.sum() / pred.shape[0], l1.mean(), perceptual.mean() if perceptual is not None else zero
+    lpips_mean = perceptual.mean() if perceptual is not None else torch.zeros((), device=pred.device)
+    return rec.sum() / pred.shape[0], l1.mean(), lpips_mean
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
