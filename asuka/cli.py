@@ -48,7 +48,8 @@ class CommandError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- inpaint
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts and sizes (shared by every subcommand)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -66,7 +67,7 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sd", help="inference method (default: sd); see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
     p.add_argument("--model", help="weights folder or hub id (default: the method's; for sd the tiny offline pipeline)")
-    p.add_argument("--steps", type=_positive_int, help="number of inference steps (default: the method's, "
+    p.add_argument("--steps", type=positive_int, help="number of inference steps (default: the method's, "
                                                        f"50 for sd; {DEMO_STEPS} for the demo)")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="random seed, per image (default: 0)")
     p.add_argument("--prompt", help="text prompt (methods that take one)")
@@ -75,16 +76,16 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the model's pixels outside the hole (default: known pixels are pasted back exactly)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    p.add_argument("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE,
+    p.add_argument("--max-size", type=positive_int, default=DEFAULT_MAX_SIZE,
                    help=f"longest side a method is run at; larger inputs are an error (default: {DEFAULT_MAX_SIZE})")
     p.add_argument("--hd-strategy", choices=HD_STRATEGIES, default=hd.name,
                    help="large images: crop = process the box around the hole plus a margin, resize = process a "
                         f"downscaled copy, original = the whole image (default: {hd.name}, as IOPaint)")
-    p.add_argument("--hd-trigger-size", type=_positive_int, default=hd.trigger_size,
+    p.add_argument("--hd-trigger-size", type=positive_int, default=hd.trigger_size,
                    help=f"crop strategy: longest side above which it crops (default: {hd.trigger_size})")
     p.add_argument("--hd-margin", type=int, default=hd.margin,
                    help=f"crop strategy: margin around the hole in pixels (default: {hd.margin})")
-    p.add_argument("--hd-resize-limit", type=_positive_int, default=hd.resize_limit,
+    p.add_argument("--hd-resize-limit", type=positive_int, default=hd.resize_limit,
                    help=f"resize strategy: longest side to process at (default: {hd.resize_limit})")
 
 
@@ -147,11 +148,15 @@ def _out_path(out: Path, stem: str, single: bool) -> Path:
     return out / f"{stem}.png"
 
 
-def _runner_options(runner, method: str, given: dict[str, tuple[str, object]]) -> dict[str, object]:
-    """Keyword options for ``runner`` from ``{flag: (keyword, value)}``: ``None`` values are left to the method's
-    default; a flag the runner does not take is an error (flag ``""``: passed only where taken)."""
+def method_options(runner, method: str, *, steps: int | None, prompt: str | None, guidance_scale: float | None,
+                   progress_bar: bool) -> dict[str, object]:
+    """Keyword options for a method's ``runner`` from the shared flags (``asuka inpaint`` and ``asuka evaluate``):
+    ``None`` values are left to the method's default; a flag the runner does not take is an error;
+    ``progress_bar`` is passed only where taken."""
     params = inspect.signature(runner).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {"--steps": ("num_inference_steps", steps), "--prompt": ("prompt", prompt),
+             "--guidance-scale": ("guidance_scale", guidance_scale), "": ("progress_bar", progress_bar)}
     options = {}
     for flag, (keyword, value) in given.items():
         if value is None:
@@ -202,10 +207,9 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     def runner():  # loaded at the first image with a hole: inputs are checked first; no hole needs no model
         _quiet_loading()
         run = method.load(args.model, device=device)
-        return run, _runner_options(run, args.method, {
-            "--steps": ("num_inference_steps", args.steps or (DEMO_STEPS if demo else None)),
-            "--prompt": ("prompt", args.prompt), "--guidance-scale": ("guidance_scale", args.guidance_scale),
-            "": ("progress_bar", len(pairs) == 1)})
+        return run, method_options(run, args.method, steps=args.steps or (DEMO_STEPS if demo else None),
+                                   prompt=args.prompt, guidance_scale=args.guidance_scale,
+                                   progress_bar=len(pairs) == 1)
 
     for (stem, image_in, mask_in), target in tqdm(list(zip(pairs, targets)), desc="inpaint", unit="image",
                                                    disable=len(pairs) == 1):

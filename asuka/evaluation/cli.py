@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from asuka.cli import Subcommand
+from asuka.cli import Subcommand, positive_int
 from asuka.evaluation import METRICS as _METRIC_NAMES
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _metric_list(text: str) -> list[str]:
@@ -37,15 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--masks", help="mask folder when --data is a plain folder of images")
     what.add_argument("--resolution", type=int, default=512, choices=(512, 1024), help="MISATO resolution (512)")
     what.add_argument("--out", required=True, help="output folder (predictions, shard results, reports)")
-    what.add_argument("--limit", type=_positive_int, help="evaluate only the first N items (quick checks)")
+    what.add_argument("--limit", type=positive_int, help="evaluate only the first N items (quick checks)")
 
     run = p.add_argument_group("running a method")
     run.add_argument("--model", help="weights folder or hub id (default: the method's)")
-    run.add_argument("--steps", type=_positive_int, help="inference steps (default: the method's)")
+    run.add_argument("--steps", type=positive_int, help="inference steps (default: the method's)")
     run.add_argument("--prompt", help="text prompt, for methods that take one")
     run.add_argument("--guidance-scale", type=float, help="guidance scale (default: the method's)")
     run.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    run.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default 4)")
+    run.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available, else cpu)")
     run.add_argument("--shard", help="this process's part i/n (0-based) for independent jobs; under torchrun the "
                                      "split follows RANK/WORLD_SIZE and rank 0 merges automatically")
@@ -66,11 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--inception-variant", choices=("fidelity", "torchvision"), default="fidelity",
                    help="fidelity: TF-Inception as torch-fidelity/pytorch-fid (comparable FID; default); "
                         "torchvision: IMAGENET1K_V1 as ASUKA's cal_ids.py (inception_v3_google-0cc3c7bd.pth)")
-    m.add_argument("--ids-pca-dim", type=_positive_int,
+    m.add_argument("--ids-pca-dim", type=positive_int,
                    help="PCA the Inception features to this many dims before the IDS SVM (ASUKA passes the "
                         "resolution, 512; Co-Mod-GAN: none, the default)")
-    m.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
-    m.add_argument("--kid-subset-size", type=_positive_int, default=1000,
+    m.add_argument("--kid-subsets", type=positive_int, default=100, help="KID subsets (default 100)")
+    m.add_argument("--kid-subset-size", type=positive_int, default=1000,
                    help="KID subset size (default 1000; clamped to the number of images)")
     m.add_argument("--ssim-color", choices=("gray", "rgb"), default="gray",
                    help="SSIM on grayscale (ASUKA; default) or averaged over RGB channels")

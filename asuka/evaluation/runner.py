@@ -63,15 +63,14 @@ def _device(name: str | None):
 
 
 def _predict(config: EvalConfig, mine, folder: Path, device) -> None:
-    from asuka.cli import _runner_options
+    from asuka.cli import method_options
     from asuka.pipelines.registry import get_method
 
     from .predict import predict
 
     runner = get_method(config.method).load(config.model, device=device)
-    options = _runner_options(runner, config.method, {
-        "--steps": ("num_inference_steps", config.steps), "--prompt": ("prompt", config.prompt),
-        "--guidance-scale": ("guidance_scale", config.guidance_scale), "": ("progress_bar", False)})
+    options = method_options(runner, config.method, steps=config.steps, prompt=config.prompt,
+                             guidance_scale=config.guidance_scale, progress_bar=False)
     predict(mine, folder, runner, options=options, batch_size=config.batch_size, seed=config.seed,
             multiple=runner.multiple, device=device, progress=config.progress)
 
