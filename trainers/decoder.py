@@ -42,6 +42,7 @@ from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 from lightning.pytorch.utilities import rank_zero_info
 
 from asuka.models.decoder import HarmonizingDecoderKL, decoder_widths
+from asuka.pipelines.common import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.color_augment import color_jitter, sample_params
 from trainers.losses import NLayerDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss, kl_loss, nll_loss
@@ -312,7 +313,7 @@ class DecoderModule(StageModule):
             recon, z, _ = self.reconstruct(inputs, generator, sample=False)
         image, mask = inputs["image"], inputs["mask"]
         return {"original": image, "augmented_input": inputs["encoder_input"], "plain_vae": self.plain_decode(z),
-                "harmonized": recon, "composite": image * (1 - mask) + recon * mask}
+                "harmonized": recon, "composite": paste_back(recon, image, mask)}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from asuka.models.mae import MAEPrior, param_groups_weight_decay, preprocess
+from asuka.pipelines.common import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.schedules import scaled_lr
 
@@ -137,7 +138,7 @@ class MAEModule(StageModule):
         prediction = self.model.prior(image, mask).image
         if prediction is not None:  # None for norm_pix_loss models (per-patch normalised predictions)
             columns["prediction"] = prediction
-            columns["composite"] = image * (1 - mask) + prediction * mask
+            columns["composite"] = paste_back(prediction, image, mask)
         return columns
 
     # ------------------------------------------------------------------ optimisation
