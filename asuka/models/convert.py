@@ -103,6 +103,15 @@ def unwrap_state_dict(obj: Any, key: Optional[str] = "model", source: str = "che
     return dict(obj)
 
 
+def _read_any(checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], key: Optional[str],
+              what: str) -> tuple[StateDict, str]:
+    """``(state dict, name for messages)`` from a checkpoint path (:func:`read_checkpoint`) or an in-memory
+    checkpoint / state dict (:func:`unwrap_state_dict`, named ``what``)."""
+    if isinstance(checkpoint, Mapping):
+        return unwrap_state_dict(checkpoint, key, source=what), what
+    return read_checkpoint(checkpoint, key=key), str(checkpoint)
+
+
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict",
                 hint: str = "") -> nn.Module:
     """``model.load_state_dict(state_dict, strict=True)`` after a check that names every missing,
@@ -246,8 +255,7 @@ def convert_official_mae_checkpoint(path: PathLike, *, grid_size: int = 16, seed
 def mae_prior_from_mae_far(checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], *, seed: int = 0,
                            **config_overrides) -> MAEPrior:
     """Build an ``MAEPrior`` from a MAE-FAR / ASUKA checkpoint (path or state dict); config from the shapes."""
-    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "MAE-FAR state dict"
-    raw = unwrap_state_dict(checkpoint, "model") if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    raw, source = _read_any(checkpoint, "model", "MAE-FAR state dict")
     state = convert_mae_far_state_dict(raw, seed=seed, source=source)
     model = MAEPrior(**mae_config_from_state_dict(state, source=source, **config_overrides))
     return load_strict(model, state, source=source)
@@ -260,8 +268,7 @@ def mae_prior_from_official_mae(checkpoint: Union[PathLike, Mapping[str, torch.T
     Pass ``norm_pix_loss=True`` for ``mae_pretrain_vit_*_full.pth`` (per-patch normalised predictions:
     ``prior(...).image`` is then None); the ``mae_visualize_vit_*.pth`` checkpoints predict pixels.
     """
-    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "official MAE state dict"
-    raw = unwrap_state_dict(checkpoint, "model") if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    raw, source = _read_any(checkpoint, "model", "official MAE state dict")
     state = convert_official_mae_state_dict(raw, grid_size=grid_size, seed=seed, source=source)
     config = mae_config_from_state_dict(state, source=source, norm_pix_loss=norm_pix_loss, **config_overrides)
     return load_strict(MAEPrior(**config), state, source=source)
@@ -376,9 +383,7 @@ def load_harmonizing_decoder_checkpoint(
     mis-shaped names.
     ``config`` overrides other ``HarmonizingDecoderKL`` settings (e.g. ``scaling_factor``).
     """
-    source_name = str(checkpoint) if not isinstance(checkpoint, Mapping) else "decoder state dict"
-    raw = (unwrap_state_dict(checkpoint, "state_dict", source=source_name) if isinstance(checkpoint, Mapping)
-           else read_checkpoint(checkpoint, key="state_dict"))
+    raw, source_name = _read_any(checkpoint, "state_dict", "decoder state dict")
     converted = convert_ldm_harmonizing_decoder(raw)
     inferred = harmonizing_config_from_state_dict(converted)
     if "encoder.conv_in.weight" not in converted:
@@ -440,9 +445,7 @@ def aligner_from_asuka_flux(checkpoint: Union[PathLike, Mapping[str, torch.Tenso
     """
     from asuka.models.aligner import PriorAligner
 
-    source = "aligner state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
-    raw = (unwrap_state_dict(checkpoint, None, source=source) if isinstance(checkpoint, Mapping)
-           else read_checkpoint(checkpoint, key=None))
+    raw, source = _read_any(checkpoint, None, "aligner state dict")
     converted = convert_asuka_flux_aligner_state_dict(raw)
     dim, in_dim = converted["proj_in.weight"].shape
     model = PriorAligner(
