@@ -40,12 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainers.schedules import effective_batch_size, warmup_cosine_factor
 
-__all__ = ["CHECKPOINT_KEY", "NonFiniteLossError", "StageModule", "adamw", "warmup_cosine_scheduler"]
+__all__ = [
+    "CHECKPOINT_KEY", "NonFiniteLossError", "StageModule", "adamw", "checkpoint_folder", "warmup_cosine_scheduler",
+]
 
 CHECKPOINT_KEY = "asuka"  # extra checkpoint entry: {"module_class": "pkg.mod.Class"} for trainers.export
 
@@ -271,9 +273,12 @@ class StageModule(LightningModule):
             )
 
     def _abort_checkpoint_path(self, step: int) -> str:
-        callback = self.trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
-        return str(Path(folder) / f"nonfinite-step={step}.ckpt")
+        return str(checkpoint_folder(self.trainer) / f"nonfinite-step={step}.ckpt")
+
+
+def checkpoint_folder(trainer: Trainer) -> Path:
+    """Where the run's checkpoints go: the ``ModelCheckpoint`` folder, else ``trainer.default_root_dir``."""
+    return Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
 
 
 def _names(keys: list[str], limit: int = 20) -> str:

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from trainers.base import NonFiniteLossError, StageModule
+from trainers.base import NonFiniteLossError, StageModule, checkpoint_folder
 from trainers.export import export_checkpoint
 
 __all__ = ["DEFAULT_CONFIG", "PAPER_CONFIGS", "main"]
@@ -42,11 +42,6 @@ class AsukaCLI(LightningCLI):
             "--torch_threads", type=int | None, default=None,
             help="torch.set_num_threads for CPU runs (tiny models train fastest with 1 thread beside a data worker)",
         )
-
-
-def _final_checkpoint_path(trainer: Trainer) -> Path:
-    folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-    return Path(folder) / "final.ckpt"
 
 
 def main(args: list[str] | None = None) -> Trainer:
@@ -82,7 +77,7 @@ def main(args: list[str] | None = None) -> Trainer:
     export_to = cli.config.export_to
     exported = None
     if export_to:
-        final = _final_checkpoint_path(trainer)
+        final = checkpoint_folder(trainer) / "final.ckpt"
         trainer.save_checkpoint(final, weights_only=False)
         if trainer.is_global_zero:
             exported = export_checkpoint(final, export_to)
