@@ -119,7 +119,7 @@ def make_shards(images: str | Path, out: str | Path, *, coco_annotations: str | 
         old = read_manifest(out)
         for name, entry in old["splits"].items():
             if name != split:
-                splits[name] = [out / e["name"] for e in entry["shards"]]
+                splits[name] = list(entry["shards"])  # described already: not re-read and re-hashed
                 skipped[name] = old.get("skipped", {}).get(name, 0)
     splits[split], skipped[split] = paths, counts["skipped"]
     extra = {"source": str(images.resolve()), "image_format": fmt, "short_side": size}

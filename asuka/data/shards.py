@@ -121,13 +121,17 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "tr
     return sorted(written)
 
 
-def write_manifest(out_dir: str | Path, splits: dict[str, list[Path]], *, skipped: dict[str, int] | None = None,
-                   extra: dict | None = None) -> Path:
-    """Describe every shard of every split in ``out_dir/manifest.json``."""
+def write_manifest(out_dir: str | Path, splits: dict[str, list[Path | dict]], *,
+                   skipped: dict[str, int] | None = None, extra: dict | None = None) -> Path:
+    """Describe every shard of every split in ``out_dir/manifest.json``.
+
+    A split lists shard paths (read and hashed by :func:`describe_shard`) or entries already described, e.g. kept
+    from the folder's previous manifest (written as given, without reading the shard again).
+    """
     out_dir = Path(out_dir)
     manifest = {"format": MANIFEST_FORMAT, "splits": {}, "skipped": dict(skipped or {}), **(extra or {})}
     for name, paths in splits.items():
-        entries = [describe_shard(p) for p in paths]
+        entries = [p if isinstance(p, dict) else describe_shard(p) for p in paths]
         manifest["splits"][name] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
     path = out_dir / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
