@@ -263,7 +263,7 @@ class StageModule(LightningModule):
         self._last_nonfinite_check = step
         run = int(self._nonfinite_run)  # the only host read, every log_every_n_steps steps
         if run >= self.max_consecutive_nonfinite:
-            path = self._abort_checkpoint_path(step)
+            path = str(checkpoint_folder(self.trainer) / f"nonfinite-step={step}.ckpt")
             self.trainer.save_checkpoint(path)
             raise NonFiniteLossError(
                 f"{run} consecutive optimizer steps had a non-finite loss or gradient (limit "
@@ -271,9 +271,6 @@ class StageModule(LightningModule):
                 f"left the weights at the last finite step; they are saved in {path}. Lower the learning rate or "
                 f"check the data, then resume with --ckpt_path {path}"
             )
-
-    def _abort_checkpoint_path(self, step: int) -> str:
-        return str(checkpoint_folder(self.trainer) / f"nonfinite-step={step}.ckpt")
 
 
 def checkpoint_folder(trainer: Trainer) -> Path:
