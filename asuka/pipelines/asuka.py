@@ -37,7 +37,7 @@ from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
 from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
 from asuka.pipelines.common import paste_back as paste_known_pixels
-from asuka.pipelines.registry import register_method
+from asuka.pipelines.registry import register_method, resolve_model
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -288,7 +288,5 @@ def default_tiny_asuka_dir() -> Path:
                              "(default: a tiny random offline pipeline)")
 def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaRunner:
     """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``."""
-    from asuka.pipelines.sd import resolve_model
-
     pipe = AsukaInpaintPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
     return AsukaRunner(pipe.to(device))

@@ -11,7 +11,8 @@ A method joins with one decorator in its own module, which must be ``asuka/pipel
     def build(model: str, *, device: torch.device, dtype: torch.dtype) -> InpaintRunner:
         ...
 
-A builder loads the weights named by ``model`` (a folder or a hub id) and returns an :class:`InpaintRunner`:
+A builder loads the weights named by ``model`` (a folder or a hub id; :func:`resolve_model` checks a diffusers
+pipeline one) and returns an :class:`InpaintRunner`:
 a callable ``runner(image (B,3,H,W) [-1,1], mask (B,1,H,W) {0,1}, *, generator, **options) -> (B,3,H,W) [-1,1]``
 with an attribute ``multiple`` (the size multiple it needs, 8 or 64). ``options`` are the method's own knobs
 (``num_inference_steps``, ``prompt``, ``guidance_scale``...); a runner rejects ones it does not know. Runners
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -68,6 +70,23 @@ class InpaintMethod:
         return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(model: str | Path, *, name: str = "--model") -> str:
+    """A local diffusers pipeline folder or a hub id (``org/name``), checked before diffusers sees it (for
+    builders whose weights are a diffusers pipeline)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"{name}: {path} is not a diffusers pipeline folder (no model_index.json); pass the "
+                             "folder written by save_pretrained or a hub id such as org/name")
+        return str(path)
+    if isinstance(model, str) and _HUB_ID.match(model):
+        return model
+    raise InputError(f"{name}: folder not found: {model} (pass an existing pipeline folder or a hub id org/name)")
+
+
 _METHODS: dict[str, InpaintMethod] = {}
 
 
@@ -110,4 +129,4 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-__all__ = ["InpaintMethod", "InpaintRunner", "register_method", "get_method", "available_methods"]
+__all__ = ["InpaintMethod", "InpaintRunner", "register_method", "get_method", "available_methods", "resolve_model"]

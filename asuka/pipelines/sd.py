@@ -8,30 +8,13 @@ local copy for the real model).
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from asuka.pipelines.common import InputError
-from asuka.pipelines.registry import register_method
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model(model: str | Path, *, name: str = "--model") -> str:
-    """A local diffusers pipeline folder or a hub id (``org/name``), checked before diffusers sees it."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise InputError(f"{name}: {path} is not a diffusers pipeline folder (no model_index.json); pass the "
-                             "folder written by save_pretrained or a hub id such as org/name")
-        return str(path)
-    if isinstance(model, str) and _HUB_ID.match(model):
-        return model
-    raise InputError(f"{name}: folder not found: {model} (pass an existing pipeline folder or a hub id org/name)")
+from asuka.pipelines.registry import register_method, resolve_model
 
 
 class SDInpaintRunner:
