@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asuka.models.checkpoint import read_checkpoint
 from asuka.pipelines.common import to_uint8
 
-from .weights import WeightSource, load_state_dict_file, resolve_weights
+from .weights import WeightSource, resolve_weights
 
 FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                 "weights-inception-2015-12-05-6726825d.pth")
@@ -43,7 +44,7 @@ def _torchvision_inception(weights: Path | None) -> nn.Module:
         model = tvm.inception_v3(weights=tvm.Inception_V3_Weights.IMAGENET1K_V1)
     else:  # the IMAGENET1K_V1 builder sets transform_input=True; keep it for identical features
         model = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-        model.load_state_dict(load_state_dict_file(weights), strict=True)
+        model.load_state_dict(read_checkpoint(weights, key="state_dict"), strict=True)
     model.fc = nn.Identity()
     return model
 
@@ -62,7 +63,8 @@ class InceptionFeatures(nn.Module):
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
             if path is not None:
-                load_state_dict_file(path)  # torch-fidelity unpickles with weights_only=False: vet the file first
+                # torch-fidelity unpickles with weights_only=False: vet the file first
+                read_checkpoint(path, key="state_dict")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],

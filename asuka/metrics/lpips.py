@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import WeightSource, load_state_dict_file, resolve_weights
+from asuka.models.checkpoint import read_checkpoint
+
+from .weights import WeightSource, resolve_weights
 
 BACKBONES = {
     # lpips name: (torchvision builder, torchvision weights enum name, file name of the torchvision release)
@@ -38,7 +40,7 @@ def _backbone_state(net: str, weights: Path | None) -> dict[str, torch.Tensor]:
 
         builder, enum_name, _ = BACKBONES[net]
         return getattr(tvm, builder)(weights=getattr(tvm, enum_name).IMAGENET1K_V1).state_dict()
-    return load_state_dict_file(weights)
+    return read_checkpoint(weights, key="state_dict")
 
 
 def _load_slices(slices: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

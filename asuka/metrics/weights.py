@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 class MissingWeightsError(FileNotFoundError):
     """A metric needs backbone weights that were neither given nor allowed to download."""
@@ -44,18 +42,3 @@ def resolve_weights(path: str | Path | None, source: WeightSource, *, allow_down
     if not path.is_file():
         raise MissingWeightsError(f"{source.option}: no such file {str(path)!r} ({source.what}; source: {source.url}).")
     return path
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a pickle read with ``weights_only=True``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TypeError(f"{str(path)!r} holds a {type(state).__name__}, expected a state dict of tensors.")
-    return state

@@ -1,7 +1,7 @@
 """Key converters for published checkpoints, with strict key checking.
 
-Shared pieces (reused by every converter): :func:`read_checkpoint` (``torch.load(weights_only=True)`` or
-safetensors), :func:`load_strict` (names every missing, unexpected and mis-shaped key) and
+Shared pieces (reused by every converter): :func:`~asuka.models.checkpoint.read_checkpoint`
+(``torch.load(weights_only=True)`` or safetensors), :func:`load_strict` (names every missing, unexpected and mis-shaped key) and
 :class:`StateDictMismatchError`.
 
 MAE prior (:class:`~asuka.models.mae.MAEPrior`, specs/asuka.md §1.1.1, §1.3, §1.4):
@@ -27,22 +27,19 @@ MAE's decoder until fine-tuning moves ``alpha``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from diffusers import AutoencoderKL
 
+from asuka.models.checkpoint import PathLike, StateDict, read_checkpoint, unwrap_state_dict
 from asuka.models.decoder import HarmonizingDecoderKL, identity_conv1x1
 from asuka.models.mae import MAEPrior, sincos_pos_embed_2d
 
-PathLike = Union[str, os.PathLike]
-StateDict = dict[str, torch.Tensor]
 
 # Encoder heads are not recoverable from weights; MAE's published sizes (ViT-B/L/H) fix them.
 _ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}
@@ -65,42 +62,6 @@ class StateDictMismatchError(ValueError):
         if hint:
             lines.append(f"  hint: {hint}")
         super().__init__("\n".join(lines))
-
-
-def read_checkpoint(path: PathLike, key: Optional[str] = "model",
-                    safe_globals: Iterable[Any] = (argparse.Namespace,)) -> StateDict:
-    """Read a state dict from ``.safetensors`` or a pickle (``torch.load(weights_only=True)``, on CPU).
-
-    ``key``: the entry holding the weights in a training checkpoint (``"model"`` for MAE/MAE-FAR,
-    ``"state_dict"`` for Lightning); a file that already is a flat tensor dict is returned as is.
-    ``safe_globals`` are the only extra classes the unpickler may build (MAE-FAR saves its
-    ``argparse.Namespace`` next to the weights).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (pass the path of a .pth/.ckpt/.safetensors file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's own message names the offending global
-        raise ValueError(f"cannot read {str(path)!r} with torch.load(weights_only=True): {error}") from error
-    return unwrap_state_dict(obj, key, source=str(path))
-
-
-def unwrap_state_dict(obj: Any, key: Optional[str] = "model", source: str = "checkpoint") -> StateDict:
-    """``obj[key]`` for a training checkpoint, ``obj`` itself for a flat ``{name: tensor}`` dict."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{source} holds a {type(obj).__name__}, expected a dict of tensors")
-    if key is not None and key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source} is not a state dict (expected entry {key!r} or a flat dict of tensors); "
-                         f"top-level keys: {', '.join(map(str, list(obj)[:20]))}")
-    return dict(obj)
 
 
 def _read_any(checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], key: Optional[str],
