@@ -60,8 +60,11 @@ def reconstructed_prior_probability(step: int, start: float = 1.0, end: float = 
     return start + (end - start) * max(step, 0) / decay_steps
 
 
-def swap_to_reconstructed(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """The MAE's mask per sample: all-zero (the reconstructed prior) with probability ``p``, else ``mask``."""
+def swap_to_reconstructed(mask: torch.Tensor, p: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The MAE's mask per sample: all-zero (the reconstructed prior) with probability ``p``, else ``mask``.
+
+    ``p``: a number or a 0-d tensor (on ``mask``'s device).
+    """
     swap = torch.rand(mask.shape[0], generator=generator, device=mask.device) < p
     return mask * (~swap).view(-1, 1, 1, 1).to(mask.dtype)
 
@@ -116,7 +119,12 @@ class AlignerModule(StageModule):
     ) -> None:
         super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.save_hyperparameters()
-        reconstructed_prior_probability(0, p_start, p_end, p_decay_steps)  # validates the schedule
+        # p per optimizer step up to the end of the decay, on the module's device: indexing it needs no host-to-device
+        # copy per step (logging a Python float does: Lightning makes a device tensor of it, a sync on CUDA).
+        # float64: comparisons cast it exactly as they cast a Python float. Not persistent: derived from hparams.
+        schedule = [reconstructed_prior_probability(step, p_start, p_end, p_decay_steps)
+                    for step in range(max(p_decay_steps, 0) + 1)]  # step 0 validates the arguments
+        self.register_buffer("p_schedule", torch.tensor(schedule, dtype=torch.float64), persistent=False)
         if frozen_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"frozen_dtype must be 'bfloat16', 'float16', 'float32' or null, got {frozen_dtype!r}")
         if val_sampling_steps < 1:
@@ -212,9 +220,9 @@ class AlignerModule(StageModule):
         return F.mse_loss(pred.float(), target.float())
 
     # ------------------------------------------------------------------ steps
-    def reconstructed_probability(self) -> float:
-        hp = self.hparams
-        return reconstructed_prior_probability(self.global_step, hp.p_start, hp.p_end, hp.p_decay_steps)
+    def reconstructed_probability(self) -> torch.Tensor:
+        """:func:`reconstructed_prior_probability` at the current optimizer step, a 0-d tensor on the device."""
+        return self.p_schedule[min(self.global_step, self.hparams.p_decay_steps)]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, mask = batch["image"], batch["mask"]
