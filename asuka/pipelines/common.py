@@ -120,19 +120,21 @@ def _scale_array(arr: np.ndarray, name: str, what: str) -> np.ndarray:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
-        _check_finite(torch.from_numpy(arr), name)
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-            raise InputError(f"{name}: float arrays must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-                             "divide [0,255] data by 255 (or pass uint8)")
+        _check_values(torch.from_numpy(arr), name, (0.0, 1.0), "float arrays must be in [0, 1]",
+                      "divide [0,255] data by 255 (or pass uint8)")
         return np.clip(arr, 0.0, 1.0)
     raise InputError(f"{name}: unsupported dtype {arr.dtype}; pass uint8 [0,255], uint16 [0,65535] "
                      f"or float [0,1] (e.g. arr.astype(np.uint8))")
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
+def _check_values(x: torch.Tensor, name: str, bounds: tuple[float, float], rule: str, fix: str) -> None:
+    """Finite float values within ``bounds`` (give or take :data:`_RANGE_TOLERANCE`); else an :class:`InputError`
+    that states ``rule`` and suggests ``fix``."""
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name}: contains NaN or inf values; replace them (e.g. torch.nan_to_num) before inpainting")
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo < bounds[0] - _RANGE_TOLERANCE or hi > bounds[1] + _RANGE_TOLERANCE:
+        raise InputError(f"{name}: {rule}, got values in [{lo:.4g}, {hi:.4g}]; {fix}")
 
 
 def _check_size(h: int, w: int, name: str) -> None:
@@ -166,11 +168,8 @@ def _image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
                          "(repeat grayscale with x.expand(-1, 3, -1, -1), drop alpha with x[:, :3])")
     _check_size(x.shape[-2], x.shape[-1], name)
     x = x.float()
-    _check_finite(x, name)
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise InputError(f"{name}: image tensors must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-                         "map [0,1] tensors with x * 2 - 1 and [0,255] ones with x / 127.5 - 1")
+    _check_values(x, name, (-1.0, 1.0), "image tensors must be in [-1, 1]",
+                  "map [0,1] tensors with x * 2 - 1 and [0,255] ones with x / 127.5 - 1")
     return x.clamp(-1, 1)
 
 
@@ -226,11 +225,7 @@ def _mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
                          "(take one channel with m[:, :1])")
     _check_size(x.shape[-2], x.shape[-1], name)
     x = x.float()
-    _check_finite(x, name)
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise InputError(f"{name}: mask tensors must be in [0, 1] (1 = hole), got values in [{lo:.4g}, {hi:.4g}]; "
-                         "divide 0/255 masks by 255")
+    _check_values(x, name, (0.0, 1.0), "mask tensors must be in [0, 1] (1 = hole)", "divide 0/255 masks by 255")
     return _binarize(x, name)
 
 
