@@ -289,8 +289,9 @@ class DecoderModule(StageModule):
         optimizer.found_inf = self._found_inf
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        inputs = self.prepare(batch, self._rng(batch_idx, stream=1), augment=False)
-        recon, z, _ = self.reconstruct(inputs, self._rng(batch_idx, stream=1), sample=False)
+        generator = self._rng(batch_idx, stream=1)  # unused by both calls: no augmentation, posterior mode
+        inputs = self.prepare(batch, generator, augment=False)
+        recon, z, _ = self.reconstruct(inputs, generator, sample=False)
         plain = self.plain_decode(z)
         image, mask = inputs["image"], inputs["mask"]
         known = 1 - mask
