@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainers.checks import check_positive_ints
 from trainers.schedules import effective_batch_size, warmup_cosine_factor
 
 __all__ = [
@@ -92,8 +93,7 @@ class StageModule(LightningModule):
 
     def __init__(self, *, max_consecutive_nonfinite: int = 20) -> None:
         super().__init__()
-        if not isinstance(max_consecutive_nonfinite, int) or max_consecutive_nonfinite < 1:
-            raise ValueError(f"max_consecutive_nonfinite must be a positive integer, got {max_consecutive_nonfinite!r}")
+        check_positive_ints(max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.strict_loading = False  # frozen parts are absent from checkpoints; on_load_checkpoint checks the rest
         self._nonfinite_run: torch.Tensor | None = None  # consecutive skipped steps (device)

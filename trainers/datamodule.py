@@ -37,6 +37,7 @@ from asuka.data.pipeline import finish_batch, train_pipeline, val_pipeline
 from asuka.data.samples import ensure_sample_shards
 from asuka.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME, manifest_shards
 from asuka.masks import get_mask_generator
+from trainers.checks import check_positive_ints
 
 __all__ = ["InpaintingDataModule", "resolve_shards"]
 
@@ -135,9 +136,7 @@ class InpaintingDataModule(LightningDataModule):
         device_transform: bool = False,
     ):
         super().__init__()
-        for arg, value in (("resolution", resolution), ("batch_size", batch_size), ("epoch_batches", epoch_batches)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        check_positive_ints(resolution=resolution, batch_size=batch_size, epoch_batches=epoch_batches)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 < max_failure_ratio <= 1.0:

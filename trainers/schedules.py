@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import math
 
+from trainers.checks import check_positive_ints
+
 __all__ = ["effective_batch_size", "scaled_lr", "warmup_cosine_factor"]
 
 
 def effective_batch_size(per_device_batch: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
     """Samples per optimizer step: per-device batch × devices × nodes × gradient-accumulation steps."""
-    for name, value in (
-        ("per_device_batch", per_device_batch),
-        ("world_size", world_size),
-        ("accumulate_grad_batches", accumulate_grad_batches),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_ints(per_device_batch=per_device_batch, world_size=world_size,
+                        accumulate_grad_batches=accumulate_grad_batches)
     return per_device_batch * world_size * accumulate_grad_batches
 
 
