@@ -37,7 +37,7 @@ from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
 from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
 from asuka.pipelines.common import paste_back as paste_known_pixels
-from asuka.pipelines.registry import register_method, resolve_model
+from asuka.pipelines.registry import PipelineRunner, register_method, resolve_model
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -249,21 +249,14 @@ def _model_class(folder: str | Path) -> type:
 
 
 # ---------------------------------------------------------------------------------------------- registry
-class AsukaRunner:
+class AsukaRunner(PipelineRunner):
     """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`AsukaInpaintPipeline` (paste-back is left
     to :func:`asuka.pipelines.common.run_inpainting`)."""
 
-    multiple = 8
-
-    def __init__(self, pipe: AsukaInpaintPipeline) -> None:
-        self.pipe = pipe
-
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
                  num_inference_steps: int = 50, progress_bar: bool = True) -> torch.Tensor:
-        self.pipe.set_progress_bar_config(disable=not progress_bar)
-        out = self.pipe(image, mask, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
-                        paste_back=False).images
-        return out.to(image) * 2 - 1
+        return self._run(image, progress_bar, image=image, mask_image=mask, num_inference_steps=num_inference_steps,
+                         generator=generator, paste_back=False)
 
 
 def default_tiny_asuka_dir() -> Path:

@@ -49,6 +49,21 @@ class InpaintRunner(Protocol):
 Builder = Callable[..., InpaintRunner]
 
 
+class PipelineRunner:
+    """Base of runners that wrap a diffusers pipeline returning [0, 1] images: holds ``pipe`` and turns one call
+    of it into ``(B,3,H,W)`` in [-1, 1]; subclasses spell out their options in ``__call__`` (the CLI reads them)."""
+
+    multiple = 8
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+
+    def _run(self, like: "torch.Tensor", progress_bar: bool, **call_kwargs: Any) -> "torch.Tensor":
+        """``pipe(**call_kwargs, output_type="pt")`` -> images in [-1, 1] with ``like``'s device and dtype."""
+        self.pipe.set_progress_bar_config(disable=not progress_bar)
+        return self.pipe(**call_kwargs, output_type="pt").images.to(like) * 2 - 1
+
+
 @dataclass(frozen=True)
 class InpaintMethod:
     """A registered method: its name, builder, default weights and a one-line description."""
@@ -129,4 +144,4 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-__all__ = ["InpaintMethod", "InpaintRunner", "register_method", "get_method", "available_methods", "resolve_model"]
+__all__ = ["InpaintMethod", "InpaintRunner", "PipelineRunner", "register_method", "get_method", "available_methods", "resolve_model"]

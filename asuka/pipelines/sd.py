@@ -14,23 +14,18 @@ from typing import Any
 
 import torch
 
-from asuka.pipelines.registry import register_method, resolve_model
+from asuka.pipelines.registry import PipelineRunner, register_method, resolve_model
 
 
-class SDInpaintRunner:
+class SDInpaintRunner(PipelineRunner):
     """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through ``StableDiffusionInpaintPipeline.__call__``."""
-
-    multiple = 8
-
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
                  prompt: str = "", negative_prompt: str | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, strength: float = 1.0, progress_bar: bool = True) -> torch.Tensor:
         batch, _, height, width = image.shape
-        self.pipe.set_progress_bar_config(disable=not progress_bar)
-        out = self.pipe(
+        return self._run(
+            image, progress_bar,
             prompt=[prompt] * batch,
             negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
             image=(image + 1) / 2,  # diffusers takes [0, 1] tensors
@@ -41,9 +36,7 @@ class SDInpaintRunner:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
-            output_type="pt",
-        ).images
-        return out.to(image) * 2 - 1
+        )
 
 
 def _default_model() -> Path:
