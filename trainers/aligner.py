@@ -258,7 +258,7 @@ class AlignerModule(StageModule):
         generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
         sample = self.pipeline()(image, mask, num_inference_steps=self.hparams.val_sampling_steps,
                                  generator=generator, output_type="pt").images
-        columns = {"input": image, "masked": image * (1 - mask)}
+        columns = self.input_columns(batch)
         if prior is not None:
             columns["mae_prior"] = prior.float()
         columns["asuka"] = sample.to(image) * 2 - 1

@@ -113,6 +113,13 @@ class StageModule(LightningModule):
         """Image columns ``{name: (B,3,H,W) in [-1,1]}`` for the image-grid logger."""
         raise NotImplementedError(f"{type(self).__name__} must implement log_images(batch) to use ImageLogger")
 
+    @staticmethod
+    def input_columns(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The grid columns every stage starts with: ``input`` and ``masked`` (the batch's ``masked_image``, else
+        ``image * (1 - mask)``)."""
+        image, masked = batch["image"], batch.get("masked_image")
+        return {"input": image, "masked": image * (1 - batch["mask"]) if masked is None else masked}
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.load_pretrained()

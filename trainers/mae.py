@@ -134,7 +134,7 @@ class MAEModule(StageModule):
     def log_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """input | masked input | MAE prior image (inference path, all tokens) | composite."""
         image, mask = batch["image"], batch["mask"]
-        columns = {"input": image, "masked": batch.get("masked_image", image * (1 - mask))}
+        columns = self.input_columns(batch)
         prediction = self.model.prior(image, mask).image
         if prediction is not None:  # None for norm_pix_loss models (per-patch normalised predictions)
             columns["prediction"] = prediction
