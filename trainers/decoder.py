@@ -61,11 +61,16 @@ def vae_folder(path: str | Path) -> Path:
     """
     path = Path(expand_tiny(path))
     for folder in (path, path / "vae"):
-        if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()).get(
-                "_class_name") == "AutoencoderKL":
+        if _config_class(folder) == "AutoencoderKL":
             return folder
     raise FileNotFoundError(f"vae={str(path)!r}: no AutoencoderKL config.json there or in its vae/ subfolder; pass "
                             "an SD VAE folder or an SD (inpainting) pipeline folder")
+
+
+def _config_class(folder: Path) -> str | None:
+    """``_class_name`` of a diffusers ``save_pretrained`` folder's ``config.json`` (None without one)."""
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
 
 
 class DecoderModule(StageModule):
@@ -183,9 +188,8 @@ class DecoderModule(StageModule):
     @staticmethod
     def _load_init(path: Path, sd_vae: AutoencoderKL) -> AsymmetricAutoencoderKL:
         if path.is_dir():
-            config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
             cls = {"HarmonizingDecoderKL": HarmonizingDecoderKL,
-                   "AsymmetricAutoencoderKL": AsymmetricAutoencoderKL}.get(config.get("_class_name"))
+                   "AsymmetricAutoencoderKL": AsymmetricAutoencoderKL}.get(_config_class(path))
             if cls is None:
                 raise ValueError(f"init_from={str(path)!r} holds no HarmonizingDecoderKL/AsymmetricAutoencoderKL config")
             return cls.from_pretrained(path)
