@@ -50,7 +50,7 @@ def predict(items: Sequence[tuple[int, EvalItem]], folder: str | Path, runner: C
         for group in by_size.values():
             image = torch.cat([e[2] for e in group])
             mask = torch.cat([e[3] for e in group])
-            holes = [i for i in range(len(group)) if bool((group[i][3] >= MASK_THRESHOLD).any())]
+            holes = torch.nonzero((mask >= MASK_THRESHOLD).flatten(1).any(dim=1)).flatten().tolist()
             result = image.clone()  # an item without a hole is its own prediction
             if holes:
                 gens = [torch.Generator(device).manual_seed(seed + group[i][0]) for i in holes]

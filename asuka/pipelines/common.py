@@ -408,10 +408,9 @@ def run_inpainting(
     """
     image, mask = prepare_inputs(image, mask)
     strategy = hd_strategy if isinstance(hd_strategy, HDStrategy) else HDStrategy(name=hd_strategy)
-    has_hole = mask.flatten(1).amax(dim=1) >= MASK_THRESHOLD
-    if not bool(has_hole.any()):
+    todo = torch.nonzero(mask.flatten(1).amax(dim=1) >= MASK_THRESHOLD).flatten()  # items with a hole (one sync)
+    if todo.numel() == 0:
         return image.clone()
-    todo = torch.nonzero(has_hole).flatten()
     img, msk = image[todo], mask[todo]
 
     box = crop_region(msk, strategy)
