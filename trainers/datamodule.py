@@ -197,7 +197,11 @@ class InpaintingDataModule(LightningDataModule):
             self._val_urls = [] if self.val_shards is None else resolve_shards(
                 self.val_shards, split="val", name="val_shards")
         self._train_masks = self._mask_generator(self.mask_recipe, self.mask_options)
-        self._val_masks = self._mask_generator(self.val_mask_recipe, self.val_mask_options)
+        same = (self.val_mask_recipe, self.val_mask_options) == (self.mask_recipe, self.mask_options)
+        # Generators hold no random state (it comes from the rng argument), so one serves both streams and an
+        # object-shape source (e.g. a large COCO .json) is read once.
+        self._val_masks = self._train_masks if same else self._mask_generator(self.val_mask_recipe,
+                                                                              self.val_mask_options)
 
     # ------------------------------------------------------------------------- dataloaders
     def _loader(self, pipeline, num_workers: int, seed: int) -> wds.WebLoader:
