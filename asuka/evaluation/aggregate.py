@@ -37,16 +37,20 @@ def load_shards(folder: str | Path, count: int | None = None
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.json") if _SHARD_NAME.match(p.name)) if folder.is_dir() else []
-    if not files:
+    shards = {}  # path -> (index, count), sorted by name
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if match := _SHARD_NAME.match(path.name):
+            shards[path] = (int(match.group(1)), int(match.group(2)))
+    if not shards:
         raise InputFileNotFoundError(f"no shard results in {folder}; run the shards first (asuka evaluate --shard i/n)")
     if count is not None:
-        files = [p for p in files if int(_SHARD_NAME.match(p.name).group(2)) == count]
-    counts = {int(_SHARD_NAME.match(p.name).group(2)) for p in files} or {count}
+        shards = {p: ic for p, ic in shards.items() if ic[1] == count}
+    counts = {n for _, n in shards.values()} or {count}
     if len(counts) != 1:
         raise InputError(f"{folder} mixes shard results of different splits {sorted(counts)}; remove the stale ones")
     count = counts.pop()
-    have = {int(_SHARD_NAME.match(p.name).group(1)) for p in files}
+    files = list(shards)
+    have = {i for i, _ in shards.values()}
     if have != set(range(count)):
         raise InputFileNotFoundError(f"shards {sorted(set(range(count)) - have)} of {count} have not finished in "
                                      f"{folder}")
