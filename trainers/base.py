@@ -25,6 +25,9 @@ Contract for a stage module (subclass :class:`StageModule`):
   Trade-off: the learning-rate scheduler still advances on a skipped step (as with GradScaler). With
   ``precision="16-mixed"`` Lightning's GradScaler runs the hook on unscaled gradients and then sets ``found_inf``
   itself (same decision).
+* Randomness: stages with a ``seed`` hyper-parameter draw per-step noise from :meth:`StageModule.step_generator`
+  (seeded by seed, optimizer step, micro-batch and rank: resumable, distinct per rank) and fixed validation draws
+  from :meth:`StageModule.validation_generator`.
 * Subclasses overriding ``on_before_optimizer_step`` / ``on_train_batch_end`` / ``setup`` call ``super()``.
 * Data: a datamodule attribute ``skipped_samples`` (host int, e.g. ``InpaintingDataModule``) is logged as
   ``data/skipped_samples``.
