@@ -24,6 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # also how diffusers finds load methods via model_index.json
 from torch import nn
 
+from asuka.models.checkpointing import run_module
+
 BLOCK_TYPES = ("prenorm", "flux_single_stream")
 
 
@@ -168,8 +170,5 @@ class PriorAligner(ModelMixin, ConfigMixin):
             raise ValueError(f"features must have shape (B, N, {self.config.in_dim}), got {tuple(features.shape)}.")
         x = self.proj_in(features.to(self.proj_in.weight.dtype))
         for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x)
-            else:
-                x = block(x)
+            x = run_module(self, block, x)
         return self.norm_out(x)

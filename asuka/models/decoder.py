@@ -30,7 +30,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import MaskConditionDecoder, MaskConditionEncoder
 # diffusers resolves a model_index.json entry's load method through this module-level name:
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
-from torch import nn
+
+from asuka.models.checkpointing import run_module
 
 MaskDownsample = Literal["area_any", "nearest"]
 MASK_DOWNSAMPLE_MODES = ("area_any", "nearest")
@@ -89,25 +90,20 @@ class HarmonizingMaskConditionDecoder(MaskConditionDecoder):
             image_channels=kwargs["out_channels"], out_ch=block_out_channels[0], res_ch=block_out_channels[-1],
             concat_mask=condition_channels == kwargs["out_channels"] + 1)
 
-    def _run(self, module: nn.Module, *args):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(module, *args)
-        return module(*args)
-
     def forward(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 latent_embeds: torch.Tensor | None = None) -> torch.Tensor:
         sample = self.conv_in(z)
         upscale_dtype = next(iter(self.up_blocks.parameters())).dtype
-        sample = self._run(self.mid_block, sample, latent_embeds).to(upscale_dtype)
+        sample = run_module(self, self.mid_block, sample, latent_embeds).to(upscale_dtype)
         conditioned = image is not None and mask is not None
         if conditioned:
-            features = self._run(self.condition_encoder, (1 - mask) * image, mask)
+            features = run_module(self, self.condition_encoder, (1 - mask) * image, mask)
         for up_block in self.up_blocks:
             if conditioned:
                 known = features[str(tuple(sample.shape))]
                 hole = downsample_mask(mask, sample.shape[-2:], self.mask_downsample)
                 sample = sample * hole + known * (1 - hole)
-            sample = self._run(up_block, sample, latent_embeds)
+            sample = run_module(self, up_block, sample, latent_embeds)
         if conditioned:
             sample = sample * mask + features[str(tuple(sample.shape))] * (1 - mask)
         sample = self.conv_norm_out(sample) if latent_embeds is None else self.conv_norm_out(sample, latent_embeds)

@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
+from asuka.models.checkpointing import run_module
 from asuka.models.seeding import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -356,11 +357,6 @@ class MAEPrior(ModelMixin, ConfigMixin):
         return self.config.decoder_embed_dim
 
     # -- building blocks --------------------------------------------------------------------------------
-    def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(block, x, attn_mask)
-        return block(x, attn_mask=attn_mask)
-
     def _check_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         _check_image_mask(x, mask)
         size = self.config.img_size
@@ -375,7 +371,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         key_valid = key_valid | ~key_valid.any(dim=1, keepdim=True)
         attn_mask = key_valid[:, None, None, :]
         for block in self.blocks:
-            tokens = self._run_block(block, tokens, attn_mask)
+            tokens = run_module(self, block, tokens, attn_mask)
         return self.norm(tokens)
 
     def decode(self, latent: torch.Tensor, dropped: torch.Tensor, image: torch.Tensor, hole: torch.Tensor,
@@ -405,7 +401,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         for index, block in enumerate(self.decoder_blocks[: None if predict else feature_layer]):
             if index == feature_layer:
                 features = x
-            x = self._run_block(block, x)
+            x = run_module(self, block, x)
         if feature_layer == len(self.decoder_blocks) or not predict:
             features = x
         if not predict:
