@@ -134,10 +134,11 @@ def demo_inputs(size: int = DEMO_SIZE):
     from PIL import Image
 
     from asuka.masks import get_mask_generator
+    from asuka.pipelines.common import MASK_THRESHOLD
 
     photo = Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.Resampling.BICUBIC)
     mask = get_mask_generator("misato_eval")(size, size, np.random.default_rng(DEMO_SEED))
-    return np.asarray(photo), (mask >= 0.5).astype(np.uint8) * 255
+    return np.asarray(photo), (mask >= MASK_THRESHOLD).astype(np.uint8) * 255
 
 
 def _out_path(out: Path, stem: str, single: bool) -> Path:
