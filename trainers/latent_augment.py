@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
                                manifest_splits, write_manifest)
+from asuka.pipelines.common import to_numpy_uint8
 from trainers.sources import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
@@ -206,7 +207,7 @@ class LatentAugmenter(LightningModule):
         out = {k: batch[k] for k in ("shard", "total", "samples", "augmented")}
         if "image" in batch:
             images = self.augment(batch["image"], batch["timestep"], batch["noise"])
-            pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pixels = to_numpy_uint8(images)
             out["images"] = [p[:h, :w] for p, (h, w) in zip(pixels, batch["sizes"])]
         return out
 
