@@ -79,6 +79,11 @@ def _scale(value: float, height: int, width: int, reference: int | None) -> floa
     return value if reference is None else value * min(height, width) / reference
 
 
+def _pixels(value: float, height: int, width: int, reference: int | None, minimum: int = 0) -> int:
+    """A pixel size scaled to the canvas (see ``reference_size``), rounded, at least ``minimum``."""
+    return max(minimum, int(round(_scale(value, height, width, reference))))
+
+
 # --------------------------------------------------------------------------------------------- LaMa
 
 
@@ -98,10 +103,10 @@ class LamaIrregular(_Base):
 
     def draw(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         mask = np.zeros((height, width), np.uint8)
-        max_len = max(1, int(round(_scale(self.max_len, height, width, self.reference_size))))
-        max_width = max(1, int(round(_scale(self.max_width, height, width, self.reference_size))))
+        max_len = _pixels(self.max_len, height, width, self.reference_size, 1)
+        max_width = _pixels(self.max_width, height, width, self.reference_size, 1)
         base_len = _scale(10, height, width, self.reference_size)
-        base_w = max(1, int(round(_scale(5, height, width, self.reference_size))))
+        base_w = _pixels(5, height, width, self.reference_size, 1)
         times = int(rng.integers(self.min_times, self.max_times + 1))
         if times == 0:
             return mask
@@ -138,9 +143,9 @@ class LamaRectangles(_Base):
 
     def draw(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         mask = np.zeros((height, width), np.uint8)
-        margin = int(round(_scale(self.margin, height, width, self.reference_size)))
-        bmin = max(1, int(round(_scale(self.bbox_min_size, height, width, self.reference_size))))
-        bmax = int(round(_scale(self.bbox_max_size, height, width, self.reference_size)))
+        margin = _pixels(self.margin, height, width, self.reference_size)
+        bmin = _pixels(self.bbox_min_size, height, width, self.reference_size, 1)
+        bmax = _pixels(self.bbox_max_size, height, width, self.reference_size)
         bmax = min(bmax, height - 2 * margin, width - 2 * margin)
         if bmax <= bmin:
             raise ValueError(f"canvas {height}x{width} is too small for boxes of {bmin}..{bmax} px with margin {margin}")
