@@ -4,6 +4,8 @@ save/load through model_index.json, assembly from separate exports, callbacks, a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,6 +213,13 @@ def test_from_parts_assembles_separate_exports_with_the_harmonizing_decoder(tmp_
     assert isinstance(loaded.vae, HarmonizingDecoderKL)
     c = loaded(_photo(data.rocket), _box_mask(), generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_array_equal(a, c)
+    # A fresh process that never imported asuka.models.decoder loads it too (diffusers resolves only imported modules).
+    code = ("import sys; from asuka.pipelines.asuka import AsukaInpaintPipeline as P; "
+            "print(type(P.from_pretrained(sys.argv[1]).vae).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "HarmonizingDecoderKL"
 
 
 def test_from_parts_missing_folder_is_clear(tmp_path, parts, tiny_inpaint_dir_768):

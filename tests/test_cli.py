@@ -110,6 +110,8 @@ def test_soft_mask_warns_in_one_line(files, tmp_path, capsys):
     (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--model", "{f}/missing"], "folder not found"),
     (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--max-size", "32"],
      "exceeds max_size=32"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--method", "asuka"],  # an SD folder
+     "cannot load"),
 ])
 def test_bad_input_one_line_error(files, tiny_inpaint_dir, tmp_path, capsys, args, message):
     argv = [a.format(f=files) for a in args]

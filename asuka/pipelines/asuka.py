@@ -32,12 +32,15 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
+# diffusers' from_pretrained resolves a saved component's library (e.g. a HarmonizingDecoderKL vae) only when that
+# module is already imported, so the pipeline module imports the decoder module itself.
+from asuka.models import decoder as _decoder
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
 from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
 from asuka.pipelines.common import paste_back as paste_known_pixels
-from asuka.pipelines.registry import PipelineRunner, register_method, resolve_model
+from asuka.pipelines.registry import PipelineRunner, load_pipeline, register_method
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -240,10 +243,8 @@ def _model_class(folder: str | Path) -> type:
     name = AutoencoderKL.load_config(folder)["_class_name"]
     if hasattr(diffusers, name):
         return getattr(diffusers, name)
-    from asuka.models import decoder
-
-    if hasattr(decoder, name):
-        return getattr(decoder, name)
+    if hasattr(_decoder, name):
+        return getattr(_decoder, name)
     raise ValueError(f"vae folder {str(folder)!r} holds a {name!r}, which is neither a diffusers class nor "
                      f"asuka's HarmonizingDecoderKL; pass an autoencoder export.")
 
@@ -281,5 +282,5 @@ def default_tiny_asuka_dir() -> Path:
                              "(default: a tiny random offline pipeline)")
 def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaRunner:
     """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``."""
-    pipe = AsukaInpaintPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
+    pipe = load_pipeline(AsukaInpaintPipeline, model, dtype)
     return AsukaRunner(pipe.to(device))

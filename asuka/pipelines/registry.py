@@ -82,7 +82,13 @@ class InpaintMethod:
             if self.default_model is None:
                 raise InputError(f"--model: method {self.name!r} has no default weights; pass a folder or hub id")
             model = self.default_model()
-        return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
+        try:
+            return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
+        except InputError:
+            raise
+        except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
+            raise InputError(f"--model: cannot load {str(model)!r} as method {self.name!r}: "
+                             f"{' '.join(str(err).split())}") from err
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -100,6 +106,19 @@ def resolve_model(model: str | Path, *, name: str = "--model") -> str:
     if isinstance(model, str) and _HUB_ID.match(model):
         return model
     raise InputError(f"{name}: folder not found: {model} (pass an existing pipeline folder or a hub id org/name)")
+
+
+def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **kwargs: Any) -> Any:
+    """``pipeline_cls.from_pretrained`` on a checked folder or hub id (:func:`resolve_model`) in ``dtype``.
+
+    Newer diffusers rename ``torch_dtype`` to ``dtype`` with a FutureWarning; the old name works in every supported
+    version, so it is passed and the rename warning silenced.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return pipeline_cls.from_pretrained(resolve_model(model), torch_dtype=dtype, **kwargs)
 
 
 _METHODS: dict[str, InpaintMethod] = {}

@@ -8,13 +8,12 @@ local copy for the real model).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from asuka.pipelines.registry import PipelineRunner, register_method, resolve_model
+from asuka.pipelines.registry import PipelineRunner, load_pipeline, register_method
 
 
 class SDInpaintRunner(PipelineRunner):
@@ -54,8 +53,6 @@ def build_sd(model: str | Path, *, device: torch.device, dtype: torch.dtype, **o
     """
     from diffusers import StableDiffusionInpaintPipeline
 
-    with warnings.catch_warnings():  # newer diffusers rename torch_dtype -> dtype; the old name works everywhere
-        warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            resolve_model(model), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **overrides)
+    pipe = load_pipeline(StableDiffusionInpaintPipeline, model, dtype, safety_checker=None,
+                         requires_safety_checker=False, **overrides)
     return SDInpaintRunner(pipe.to(device))
