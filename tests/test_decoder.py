@@ -26,6 +26,11 @@ def _inputs(seed: int = 0, batch: int = 2, size: int = 64):
     return z, image, mask
 
 
+def _decode(model, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The conditioned decode of latents ``z`` (image and mask passed as keywords, as diffusers requires)."""
+    return model.decode(z, image=image, mask=mask).sample
+
+
 def _randomize(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -50,8 +55,8 @@ def test_oracle_equals_diffusers_asymmetric_bit_for_bit(vae):
     ref = _asym_reference(model)
     z, image, mask = _inputs()
     with torch.no_grad():
-        ours = model.decode(z, image=image, mask=mask).sample
-        theirs = ref.decode(z, image=image, mask=mask).sample
+        ours = _decode(model, z, image, mask)
+        theirs = _decode(ref, z, image, mask)
         assert torch.equal(ours, theirs)
         assert torch.equal(model(image, mask=mask).sample, ref(image, mask=mask).sample)
         assert torch.equal(model.decode(z).sample, ref.decode(z).sample)  # unconditioned: plain decoder
@@ -63,7 +68,7 @@ def test_known_region_depends_only_on_known_pixels(vae):
     z, image, mask = _inputs()
     other = torch.where(mask.bool(), torch.rand_like(image) * 2 - 1, image)  # new hole pixels only
     with torch.no_grad():
-        a = model.decode(z, image=image, mask=mask).sample
+        a = _decode(model, z, image, mask)
         b = model.decode(z, image=other, mask=mask).sample
         moved = model.decode(z, image=image, mask=torch.roll(mask, 9, dims=-1)).sample
     assert torch.equal(a, b)
@@ -88,8 +93,8 @@ def test_variants_differ_only_in_the_chosen_options(vae):
     area = HarmonizingDecoderKL.from_vae(vae, condition_channels=4, mask_downsample="area_any").eval()
     area.load_state_dict(nearest.state_dict())
     with torch.no_grad():
-        assert not torch.allclose(nearest.decode(z, image=image, mask=mask).sample,
-                                  area.decode(z, image=image, mask=mask).sample)
+        assert not torch.allclose(_decode(nearest, z, image, mask),
+                                  _decode(area, z, image, mask))
 
 
 def test_from_autoencoder_kl_copies_and_zero_inits_mask_channel(vae):
@@ -116,8 +121,8 @@ def test_from_asymmetric_copies_condition_encoder(vae):
     assert torch.all(first[:, 3] == 0)
     z, image, mask = _inputs()
     with torch.no_grad():  # zero mask channel: same function as the source
-        torch.testing.assert_close(model.decode(z, image=image, mask=mask).sample,
-                                   asym.decode(z, image=image, mask=mask).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_decode(model, z, image, mask),
+                                   _decode(asym, z, image, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_wider_decoder_keeps_encoder_and_starts_decoder_fresh(vae):
@@ -128,7 +133,7 @@ def test_wider_decoder_keeps_encoder_and_starts_decoder_fresh(vae):
     assert torch.equal(model.quant_conv.weight, vae.quant_conv.weight)
     assert model.decoder.condition_encoder.layers[0].weight.shape == (12, 4, 3, 3)
     z, image, mask = _inputs()
-    assert model.decode(z, image=image, mask=mask).sample.shape == (2, 3, 64, 64)
+    assert _decode(model, z, image, mask).shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="decoder_width"):
         HarmonizingDecoderKL.from_vae(vae, decoder_width="3x")
 
@@ -140,18 +145,18 @@ def test_save_and_load_roundtrip(vae, tmp_path):
     assert loaded.config.condition_channels == 4 and loaded.config.mask_downsample == "nearest"
     z, image, mask = _inputs()
     with torch.no_grad():
-        assert torch.equal(model.decode(z, image=image, mask=mask).sample,
-                           loaded.decode(z, image=image, mask=mask).sample)
+        assert torch.equal(_decode(model, z, image, mask),
+                           _decode(loaded, z, image, mask))
 
 
 def test_gradient_checkpointing_same_result(vae):
     model = HarmonizingDecoderKL.from_vae(vae)
     _randomize(model.decoder.condition_encoder, 4)
     z, image, mask = _inputs()
-    plain = model.decode(z, image=image, mask=mask).sample
+    plain = _decode(model, z, image, mask)
     model.enable_gradient_checkpointing()
     model.train()
-    ckpt = model.decode(z, image=image, mask=mask).sample
+    ckpt = _decode(model, z, image, mask)
     torch.testing.assert_close(plain, ckpt)
     ckpt.mean().backward()
     assert model.decoder.condition_encoder.layers[0].weight.grad.abs().sum() > 0
@@ -243,7 +248,7 @@ def test_asymmetric_vqgan_checkpoint_converts_strictly(vae, tmp_path):
     ref = _asym_reference(source)
     z, image, mask = _inputs()
     with torch.no_grad():
-        assert torch.equal(model.decode(z, image=image, mask=mask).sample, ref.decode(z, image=image, mask=mask).sample)
+        assert torch.equal(_decode(model, z, image, mask), _decode(ref, z, image, mask))
     asuka = HarmonizingDecoderKL.from_vae(model)  # the ASUKA variant from the [62] base: zero mask channel
     assert torch.all(asuka.decoder.condition_encoder.layers[0].weight[:, 3] == 0)
 
@@ -260,8 +265,8 @@ def test_asuka_decoder_checkpoint_with_decoder_keys_only(vae):
     assert model.config.condition_channels == 4 and model.config.mask_downsample == "area_any"
     z, image, mask = _inputs()
     with torch.no_grad():
-        assert torch.equal(model.decode(z, image=image, mask=mask).sample,
-                           source.decode(z, image=image, mask=mask).sample)
+        assert torch.equal(_decode(model, z, image, mask),
+                           _decode(source, z, image, mask))
 
 
 def test_converter_names_missing_and_unexpected_keys(vae):
