@@ -383,9 +383,13 @@ def load_harmonizing_decoder_checkpoint(
                         norm_num_groups=vae.config.norm_num_groups)
         converted = {**source, **converted}
     inferred.update(_latent_factors(vae, inferred["latent_channels"]))
+    if vae is not None:
+        inferred["norm_num_groups"] = vae.config.norm_num_groups
     if mask_downsample is None:
         mask_downsample = "area_any" if inferred["condition_channels"] == inferred["out_channels"] + 1 else "nearest"
     model = HarmonizingDecoderKL(**{**inferred, **config, "mask_downsample": mask_downsample})
+    if not identity_quant_convs and vae is not None and getattr(vae, "quant_conv", None) is None:
+        identity_quant_convs = "quant_conv.weight" not in converted  # the FLUX AE has no quant convs
     if identity_quant_convs:
         for name in ("quant_conv", "post_quant_conv"):
             weight = getattr(model, name).weight
@@ -441,3 +445,49 @@ def aligner_from_asuka_flux(checkpoint: Union[PathLike, Mapping[str, torch.Tenso
     return load_strict(model, converted, source=source,
                        hint="the FLUX port's alignment module (nn.Sequential: Linear, SingleStreamBlockAsuka x N, "
                             "LayerNorm) is expected").eval()
+
+
+# ---------------------------------------------------------------------------------------------- ASUKA-FLUX release
+ASUKA_FLUX_RELEASE_FILES = {"mae": "mae_300.pth", "aligner_clip": "asuka_alignment_clip.pt",
+                            "aligner_t5": "asuka_alignment_t5.pt", "decoder": "asuka_decoder.ckpt",
+                            "null_pooled": "vec.pt", "null_text": "txt_256.pt"}
+
+
+def read_tensor(path: PathLike) -> torch.Tensor:
+    """A single tensor saved with ``torch.save`` (the release's ``vec.pt`` / ``txt_256.pt``), read with
+    ``weights_only=True`` on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist (pass the path of a torch.save'd tensor)")
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{str(path)!r} holds a {type(value).__name__}, expected a tensor")
+    return value
+
+
+def convert_asuka_flux_release(release: PathLike, flux_fill: PathLike, out: PathLike, *,
+                               mae_options: Optional[dict] = None, torch_dtype: Optional[torch.dtype] = None,
+                               **load_kwargs) -> Path:
+    """The released ``yikaiwang/ASUKA-FLUX.1-Fill`` folder (``mae_300.pth``, ``asuka_alignment_{clip,t5}.pt``,
+    ``asuka_decoder.ckpt``, ``vec.pt``, ``txt_256.pt``) + a diffusers FLUX.1-Fill-dev folder or hub id ->
+    an :class:`~asuka.pipelines.asuka_flux.AsukaFluxFillPipeline` ``save_pretrained`` folder at ``out``.
+
+    Every part loads strictly (the MAE, both heads with their unused ``modulation`` layers, the decoder with FLUX's
+    encoder, ``scaling_factor`` 0.3611 and ``shift_factor`` 0.1159). ``mae_options``: ``MAEPrior`` config entries
+    (the release is ViT-B/16 with the official options off). Returns ``out``.
+    """
+    from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline
+
+    release = Path(release)
+    files = {name: release / file for name, file in ASUKA_FLUX_RELEASE_FILES.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the ASUKA-FLUX release folder lacks {', '.join(missing)}")
+    pipe = AsukaFluxFillPipeline.from_parts(
+        flux_fill, mae=files["mae"], aligner_clip=files["aligner_clip"], aligner_t5=files["aligner_t5"],
+        decoder=files["decoder"], null_embeddings=(files["null_pooled"], files["null_text"]), mae_options=mae_options,
+        torch_dtype=torch_dtype,
+        **load_kwargs)
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
