@@ -4,8 +4,6 @@ one-call converter from the release folder layout."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from asuka.models import convert
 from asuka.models.decoder import HarmonizingDecoderKL
 from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline, tiny_asuka_flux_pipeline
 from asuka.pipelines.common import InputError
+from flux_support import to_ldm_decoder, to_sequential_head
 
 SIZE = 64
 STEPS = 2
@@ -132,45 +131,13 @@ def test_odd_size_is_padded_and_cropped_and_errors_are_one_line(pipe):
 
 
 # ---------------------------------------------------------------------------------------------- release layout
-def _to_ldm(state: dict, levels: int) -> dict:
-    """diffusers names -> the official LDM layout (the inverse of convert.convert_ldm_harmonizing_decoder)."""
-    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, value in state.items():
-        if key.startswith(("quant_conv", "post_quant_conv")):
-            continue
-        k = re.sub(r"^(encoder|decoder)\.down_blocks\.(\d+)\.resnets\.", r"\1.down.\2.block.", key)
-        k = re.sub(r"^(encoder|decoder)\.down_blocks\.(\d+)\.downsamplers\.0\.", r"\1.down.\2.downsample.", k)
-        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k)
-        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                   lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
-        k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", k)
-        k = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
-                   lambda m: f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.", k)
-        k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", k)
-        k = k.replace("decoder.condition_encoder.layers.", "decoder.encoder.layers.").replace(".conv_shortcut.", ".nin_shortcut.")
-        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]
-        out[k] = value
-    return out
-
-
-def _to_sequential(head_state: dict, num_blocks: int) -> dict:
-    out = {}
-    for key, value in head_state.items():
-        k = re.sub(r"^proj_in\.", "0.", key)
-        k = re.sub(r"^blocks\.(\d+)\.", lambda m: f"{int(m.group(1)) + 1}.", k)
-        out[re.sub(r"^norm_out\.", f"{num_blocks + 1}.", k)] = value
-    return out
-
-
 def test_release_folder_converts_in_one_call_and_runs(pipe, tiny_flux_fill_dir, tmp_path):
     release = tmp_path / "release"
     release.mkdir()
     torch.save({"model": pipe.mae.state_dict(), "epoch": 300}, release / "mae_300.pth")
     for name, head in (("clip", pipe.aligner.clip), ("t5", pipe.aligner.t5)):
-        torch.save(_to_sequential(head.state_dict(), head.config.num_blocks), release / f"asuka_alignment_{name}.pt")
-    ldm = _to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.up_block_out_channels))
+        torch.save(to_sequential_head(head.state_dict(), head.config.num_blocks), release / f"asuka_alignment_{name}.pt")
+    ldm = to_ldm_decoder(pipe.vae.state_dict(), len(pipe.vae.config.up_block_out_channels))
     ldm["decoder.up_layers.0.weight"] = torch.zeros(1)  # unused ConvTranspose2d stack, dropped by the converter
     torch.save({"state_dict": ldm}, release / "asuka_decoder.ckpt")
     torch.save(pipe.aligner.null_pooled.clone(), release / "vec.pt")

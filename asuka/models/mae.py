@@ -27,7 +27,6 @@ from functools import partial
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -130,6 +129,21 @@ def _inter_area_matrices(size_in: tuple[int, int], size_out: tuple[int, int]) ->
     return weights(h, oh), weights(w, ow)
 
 
+def _nearest_indices(src: int, dst: int) -> list[int]:
+    """``cv2.INTER_NEAREST``'s source index per output pixel: ``min(floor(d · (1 / (dst/src))), src - 1)`` in double
+    precision, OpenCV's exact rounding (torch's ``"nearest"`` differs where ``d·src/dst`` is an integer)."""
+    scale = 1.0 / (dst / src)
+    return [min(math.floor(d * scale), src - 1) for d in range(dst)]
+
+
+def resize_mask_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (B, C, H, W) exactly like ``cv2.resize(..., interpolation=cv2.INTER_NEAREST)``: two index gathers."""
+    h, w = mask.shape[-2:]
+    rows = torch.tensor(_nearest_indices(h, int(size[0])), device=mask.device)
+    cols = torch.tensor(_nearest_indices(w, int(size[1])), device=mask.device)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
+
 def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize (B, C, H, W) exactly like ``cv2.resize(..., interpolation=cv2.INTER_AREA)`` on float input.
 
@@ -154,7 +168,7 @@ def preprocess(image: torch.Tensor, mask: torch.Tensor, size: int = 256,
     """ASUKA's MAE input preprocessing (``asuka-flux/datas/misato_dataset.py::prepare_data``), on tensors.
 
     ``image`` (B, 3, H, W) in [-1, 1] and ``mask`` (B, 1, H, W), 1 = hole, of any size, binarised at 0.5. The
-    mask is resized with nearest neighbour (``cv2.INTER_NEAREST`` = torch ``"nearest"``); the image is resized
+    mask is resized with nearest neighbour (:func:`resize_mask_nearest`, ``cv2.INTER_NEAREST``); the image is resized
     to ``size``² with :func:`resize_image` (``cv2.INTER_AREA``, exact at every size) and ImageNet-normalised;
     hole pixels are set to 0 in the normalised space. Non-square inputs are squashed (as the official code does).
 
@@ -175,7 +189,7 @@ def preprocess(image: torch.Tensor, mask: torch.Tensor, size: int = 256,
         x = resize_image((image + 1) / 2 * known, (size, size)) / weight.clamp_min(1e-6)
     else:
         x = resize_image((image + 1) / 2, (size, size))
-    m = F.interpolate(hole, size=(size, size), mode="nearest")
+    m = resize_mask_nearest(hole, (size, size))
     x = (x - mean) / std
     return x * (1 - m), m
 
