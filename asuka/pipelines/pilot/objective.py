@@ -13,25 +13,15 @@ batch size.)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from asuka.pipelines._sampling import predicted_x0
+
 BG_LOSS_SCALE = 0.25
 """``cal_bg_loss`` maps latents with ``(x + 1) / 2`` before the squared difference, i.e. a factor 1/4."""
-
-
-def predicted_x0(latents: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor,
-                 prediction_type: str = "epsilon") -> torch.Tensor:
-    """One-step reconstruction z̃₀ from z_t (paper Eq. 8), computed from ``alphas_cumprod[t]`` (``alpha_bar``, a 0-d
-    or broadcastable tensor) so that no scheduler state is involved. ``prediction_type`` as in diffusers'
-    schedulers: ``"epsilon"`` (SD-1.5), ``"v_prediction"`` or ``"sample"``."""
-    if prediction_type == "epsilon":
-        return (latents - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * latents - (1 - alpha_bar).sqrt() * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
 
 
 def background_loss(x0: torch.Tensor, source_latents: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
@@ -49,14 +39,14 @@ def latent_hole_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def attention_hole_mask(latent_hole: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Latent mask (B, 1, h, w) -> the mask of an attention layer at ``size`` (h_l, w_l), flattened to (B, h_l·w_l).
+    """Latent mask (B, 1, h, w) -> the mask (B, 1, h_l, w_l) of an attention layer whose token grid is ``size``.
 
     Code (``__call__``, attention masks): bilinear resize (``align_corners=False``), then every value below 1 set
     to 0, so a coarse cell is hole only when all the source pixels it samples are hole (for a factor-2^k downsampling
     these are the central 2x2 pixels of its block), which acts like an erosion.
     """
     coarse = F.interpolate(latent_hole.float(), size=size, mode="bilinear", align_corners=False)
-    return (coarse >= 1).float().flatten(1)
+    return (coarse >= 1).float()
 
 
 def sbc_weights(hole_tokens: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -103,3 +93,29 @@ def semantic_loss(terms: list[torch.Tensor]) -> torch.Tensor:
     if not terms:
         raise ValueError("semantic_loss: no layer terms were recorded (no selected cross-attention layer ran)")
     return torch.stack(terms).mean(0)
+
+
+class PilotLoss:
+    """``L = L_bg + λ·L_s`` per sample at one timestep (paper Eq. 15; code ``optimize_xt``).
+
+    ``forward(z)`` is the conditional noise prediction at this timestep (the UNet, no CFG, with SBC on and the
+    semantic terms recorded into ``terms``, a list it clears and fills); ``alpha_bar``: ᾱ_t; ``lam``: λ_t per sample
+    (B,). ``parts(z)`` gives (L_bg, L_s), each (B,).
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], terms: list[torch.Tensor],
+                 source_latents: torch.Tensor, hole: torch.Tensor, alpha_bar: torch.Tensor, lam: torch.Tensor):
+        self.forward, self.terms = forward, terms
+        self.source_latents, self.hole, self.alpha_bar, self.lam = source_latents, hole, alpha_bar, lam
+
+    def parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.terms.clear()
+        eps = self.forward(z)
+        x0 = predicted_x0(z, eps.float(), self.alpha_bar)
+        semantic = semantic_loss(self.terms)
+        self.terms.clear()
+        return background_loss(x0, self.source_latents, self.hole), semantic
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        bg, semantic = self.parts(z)
+        return bg + self.lam * semantic

@@ -8,8 +8,11 @@ Schedules take Python numbers (the timesteps are read once per call), so nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from asuka.pipelines._sampling import latent_gradient
 
 LR_SCHEDULES = ("exp", "constant", "linear")
 COEF_SCHEDULES = ("linear", "constant")
@@ -89,3 +92,15 @@ def blend(latents: torch.Tensor, noised_source: torch.Tensor, hole: torch.Tensor
     """Blend stage (paper Eq. 18): the hole from ``latents``, the background from the noised source, exactly (a
     select, so background values equal :func:`noised` bit for bit)."""
     return torch.where(hole >= 0.5, latents, noised_source.to(latents.dtype))
+
+
+def descend(loss_of: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, *, steps: int, step: float,
+            momentum: float) -> torch.Tensor:
+    """``steps`` heavy-ball steps on ``latents`` of ``loss_of(z).sum()`` (code ``optimize_xt``; the momentum buffer
+    starts at 0 at every optimised timestep). ``loss_of`` returns per-sample losses (B,), so each sample descends
+    its own loss. Gradients are taken with respect to the latent only; no graph survives a step."""
+    velocity = torch.zeros_like(latents)
+    for _ in range(steps):
+        grad, _ = latent_gradient(lambda z: loss_of(z).sum(), latents)
+        latents, velocity = momentum_step(latents, velocity, grad, step, momentum)
+    return latents
