@@ -311,14 +311,14 @@ def test_word_tokens_exclude_bos_eos_and_padding(pipe):
     (dict(ip_adapter_image=np.zeros((64, 64, 3))), "ip_adapter_image"),
 ])
 def test_bad_options_are_one_line_input_errors(pipe, kwargs, field):
-    from asuka.pipelines.common import InputError
+    from asuka.errors import InputError
 
     with pytest.raises(InputError, match=field):
         _run(pipe, **kwargs)
 
 
 def test_size_must_be_a_multiple_of_64(pipe):
-    from asuka.pipelines.common import InputError
+    from asuka.errors import InputError
 
     with pytest.raises(InputError, match="multiple of 64"):
         pipe(torch.zeros(1, 3, 64, 96), torch.zeros(1, 1, 64, 96), num_inference_steps=1)

@@ -53,7 +53,9 @@ from asuka.pipelines._sampling import (
     decode,
     denoise,
 )
-from asuka.pipelines.common import InputError, load_image, paste_back as paste_known_pixels, prepare_inputs
+from asuka.errors import InputError
+from asuka.pipelines._common import load_image, prepare_inputs
+from asuka.tensors import paste_back as paste_known_pixels
 from asuka.pipelines.pilot.controls import (
     GRADIENT_PHASE,
     GUIDED_PHASE,
@@ -157,7 +159,7 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         else:
             x = self.condition_processor.preprocess(image, height=height, width=width).float()
         if x.shape[0] not in (1, batch):
-            raise InputError(f"{name}: {x.shape[0]} condition images for {batch} images; pass one or one per image")
+            raise InputError(f"{x.shape[0]} condition images for {batch} images; pass one or one per image", name)
         return x.expand(batch, -1, -1, -1).to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ call
@@ -230,8 +232,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         hole = mask if mask_convention == "diffusers" else 1 - mask
         batch, _, height, width = image.shape
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-            raise InputError(f"image: size {width}x{height} is not a multiple of {SIZE_MULTIPLE}; pad or resize it "
-                             f"(the inpaint runner pads automatically)", )
+            raise InputError(f"size {width}x{height} is not a multiple of {SIZE_MULTIPLE}; pad or resize it "
+                             "(the inpaint runner pads automatically)", "image")
         prompts = _per_image(prompt, batch, "prompt")
         negatives = _per_image("" if negative_prompt is None else negative_prompt, batch, "negative_prompt")
         device = self._execution_device
@@ -279,8 +281,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
             if optimising:
                 selected = semantic_layers(controller.layers)
                 if len(selected) == 0:
-                    raise InputError("unet: no cross-attention layer below the latent resolution for the semantic "
-                                     "loss; use an SD-layout UNet or num_gradient_ops=0", )
+                    raise InputError("no cross-attention layer below the latent resolution for the semantic loss; "
+                                     "use an SD-layout UNet or num_gradient_ops=0", "unet")
                 recorder = controller.add(CentralisationRecorder(masks, self.word_tokens(prompts, device)), selected)
 
         def noise(step: Step, z: torch.Tensor, tensors: dict) -> torch.Tensor:
@@ -319,8 +321,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         if cfg:
             tensors["negative_prompt_embeds"] = negative_embeds
         elif "negative_prompt_embeds" in names:
-            raise InputError("callback_on_step_end_tensor_inputs: negative_prompt_embeds exists only with "
-                             "guidance_scale > 1")
+            raise InputError("negative_prompt_embeds exists only with guidance_scale > 1",
+                             "callback_on_step_end_tensor_inputs")
         with ExitStack() as stack:
             stack.enter_context(frozen(self.unet, self.controlnet, self.adapter, self.vae, self.text_encoder,
                                        self.image_encoder))
@@ -397,11 +399,11 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         ]
         for ok, field, message in checks:
             if not ok:
-                raise InputError(f"{field}: {message}")
+                raise InputError(message, field)
         prediction = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
-            raise InputError(f"scheduler: PILOT's one-step x0 here needs an epsilon-prediction model, got "
-                             f"prediction_type={prediction!r}")
+            raise InputError(f"PILOT's one-step x0 here needs an epsilon-prediction model, got "
+                             f"prediction_type={prediction!r}", "scheduler")
 
 
 class _Conditioning:
@@ -420,7 +422,7 @@ def _per_image(text: str | list[str], batch: int, name: str) -> list[str]:
     if isinstance(text, str):
         return [text] * batch
     if len(text) != batch:
-        raise InputError(f"{name}: {len(text)} prompts for {batch} images; pass one string or one per image")
+        raise InputError(f"{len(text)} prompts for {batch} images; pass one string or one per image", name)
     return list(text)
 
 
