@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def check_callback_inputs(names: Iterable[str], allowed: Iterable[str]) -> tuple
     names, allowed = tuple(names), tuple(allowed)
     bad = [name for name in names if name not in allowed]
     if bad:
-        raise InputError(f"callback_on_step_end_tensor_inputs has {bad}; allowed: {list(allowed)}.",
+        raise InputError(f"{bad} cannot be passed to the callback; choose from {list(allowed)}.",
                          field="callback_on_step_end_tensor_inputs")
     return names
 
@@ -186,7 +186,7 @@ def decode(vae: Any, latents: torch.Tensor, *, image: torch.Tensor | None = None
     condition = {}
     if isinstance(vae, AsymmetricAutoencoderKL):
         if image is None or mask is None:
-            raise InputError("an AsymmetricAutoencoderKL vae decodes with the image and the mask; pass both.",
+            raise InputError("an AsymmetricAutoencoderKL decodes with the image and the mask; pass both.",
                              field="vae")
         condition = {"image": image.to(latents.device, latents.dtype), "mask": mask.to(latents.device, latents.dtype)}
     return vae.decode(z, return_dict=False, generator=generator, **condition)[0]
