@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, FluxFillPipeline
 from asuka.models import convert
 from asuka.models.decoder import HarmonizingDecoderKL
 from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline, tiny_asuka_flux_pipeline
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 from flux_support import to_ldm_decoder, to_sequential_head
 
 SIZE = 64
@@ -176,3 +176,19 @@ def test_rejects_vae_without_shift(pipe):
         AsukaFluxFillPipeline(vae=vae, transformer=pipe.transformer, scheduler=pipe.scheduler, mae=pipe.mae,
                               aligner=pipe.aligner)
     assert np.isclose(pipe.aligner.config.null_tokens, 256)
+
+
+def test_registry_method_runs_the_offline_tiny_demo(monkeypatch, tmp_path):
+    from asuka.pipelines._registry import available_methods, get_method
+
+    monkeypatch.setenv("ASUKA_CACHE", str(tmp_path))
+    assert "asuka-flux" in available_methods()
+    method = get_method("asuka-flux")
+    runner = method.load()  # the tiny random demo folder, written offline under $ASUKA_CACHE
+    assert runner.multiple == 16 and (tmp_path / "tiny-asuka-flux" / "model_index.json").is_file()
+    _, image, mask = _inputs()
+    out = runner(image[..., :32, :48], mask[..., :32, :48], generator=torch.Generator().manual_seed(0),
+                 num_inference_steps=1, progress_bar=False)
+    direct = runner.pipe(image[..., :32, :48], mask[..., :32, :48], generator=torch.Generator().manual_seed(0),
+                         num_inference_steps=1, paste_back=False, output_type="pt").images * 2 - 1
+    assert out.shape == (1, 3, 32, 48) and torch.equal(out, direct)

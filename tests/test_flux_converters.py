@@ -38,7 +38,7 @@ def _inputs():
     return preprocess(image, mask)
 
 
-@pytest.mark.parametrize("mask_concat, mask_decoder", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("mask_concat, mask_decoder", [(True, False), (False, True)])
 def test_mae_official_options_match_the_official_module(mask_concat, mask_decoder):
     state = _official_mae_state()
     model = convert.mae_prior_from_mae_far({"model": state}, mask_concat=mask_concat, **TINY_MAE).eval()
@@ -69,8 +69,7 @@ def test_all_hole_features_are_zero_by_default_and_per_sample():
     assert torch.isfinite(finite).all() and finite[1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("gate_conv, tanh_out, attn_resolutions", [(True, False, ()), (False, True, (16,)),
-                                                                   (True, True, (8, 32))])
+@pytest.mark.parametrize("gate_conv, tanh_out, attn_resolutions", [(False, False, (16,)), (True, True, (8, 32))])
 def test_decoder_official_options_match_the_official_module(gate_conv, tanh_out, attn_resolutions):
     levels, resolution = 4, 64
     with seeded(5):

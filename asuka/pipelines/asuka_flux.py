@@ -48,8 +48,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from asuka.models import decoder as _decoder  # noqa: F401
 from asuka.models.flux_aligner import OFFICIAL_CONDITION_WEIGHT, FluxPriorAligner
 from asuka.models.mae import MAEPrior
-from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
-from asuka.pipelines.common import paste_back as paste_known_pixels
+from asuka.errors import InputError
+from asuka.pipelines._common import prepare_inputs
+from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
+from asuka.tensors import paste_back as paste_known_pixels
 
 _FILL = FluxFillPipeline
 
@@ -114,11 +117,13 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
         ``decoder`` (a ``HarmonizingDecoderKL`` folder or ``asuka_decoder.ckpt``; default: the FLUX folder's vae),
         ``null_embeddings`` = ``(vec.pt, txt_256.pt)`` for separate heads (default: the FLUX folder's CLIP and T5
         encoders on ``""`` with 256 tokens, loaded once and released). ``mae_options``: ``MAEPrior`` config entries
-        for a release ``.pth`` (e.g. ``{"mask_concat": True}``, or heads of non-ViT-B sizes). ``torch_dtype`` applies to the transformer and
-        the vae (bf16 on GPU); the MAE and the aligner stay float32 (cast them with ``.to``).
+        for a release ``.pth`` (e.g. ``{"mask_concat": True}``, or heads of non-ViT-B sizes). ``torch_dtype`` applies
+        to every component; default: bfloat16 when CUDA is available (the official ``weight_dtype``), else float32.
         """
         from asuka.models import convert
 
+        if torch_dtype is None:
+            torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         if (aligner is None) == (aligner_clip is None or aligner_t5 is None):
             raise ValueError("pass either aligner= (a FluxPriorAligner folder) or both aligner_clip= and aligner_t5=")
         transformer = FluxTransformer2DModel.from_pretrained(flux_fill, subfolder="transformer",
@@ -137,16 +142,17 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
             if null_embeddings is not None:
                 nulls = [convert.read_tensor(p) for p in null_embeddings]
             else:
-                nulls = empty_prompt_embeddings(flux_fill, mae_model.num_tokens, **load_kwargs)
+                nulls = empty_prompt_embeddings(flux_fill, mae_model.num_tokens, torch_dtype=torch_dtype,
+                                                **load_kwargs)
             aligner_model = FluxPriorAligner.from_heads(heads[0], heads[1], null_pooled=nulls[0], null_text=nulls[1])
         if decoder is None:
             vae = flux_vae
         elif Path(decoder).is_file():
-            vae = convert.load_harmonizing_decoder_checkpoint(decoder, vae=flux_vae.float()).to(flux_vae.dtype)
+            vae = convert.load_harmonizing_decoder_checkpoint(decoder, vae=flux_vae.float()).to(torch_dtype)
         else:
             vae = _decoder.HarmonizingDecoderKL.from_pretrained(decoder, torch_dtype=torch_dtype)
-        return cls(vae=vae, transformer=transformer, scheduler=scheduler, mae=mae_model.eval(),
-                   aligner=aligner_model.eval())
+        return cls(vae=vae, transformer=transformer, scheduler=scheduler, mae=mae_model.to(torch_dtype).eval(),
+                   aligner=aligner_model.to(torch_dtype).eval())
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
@@ -326,10 +332,13 @@ def _prior_aligner(folder: str | Path):
 
 
 @torch.no_grad()
-def empty_prompt_embeddings(flux_fill: str | Path, tokens: int = 256, **load_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_prompt_embeddings(flux_fill: str | Path, tokens: int = 256, torch_dtype: torch.dtype | None = None,
+                            **load_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pooled (1, 768), text (1, tokens, 4096))`` for the prompt ``""`` from a FLUX folder's CLIP and T5 encoders (the
-    release's ``vec.pt`` / ``txt_256.pt``), in float32 on the CPU. The encoders are loaded for this call only."""
-    pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, **load_kwargs)
+    release's ``vec.pt`` / ``txt_256.pt``), returned in float32 on the CPU. The encoders are loaded in ``torch_dtype``
+    for this call only (T5-XXL: 9.5 GB in bf16)."""
+    pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, torch_dtype=torch_dtype,
+                                            **load_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         text, pooled, _ = pipe.encode_prompt("", None, device="cpu", max_sequence_length=tokens)
@@ -364,3 +373,30 @@ def default_tiny_asuka_flux_dir() -> Path:
 
     return cached_pipeline_dir("tiny-asuka-flux",
                                lambda folder: tiny_asuka_flux_pipeline(default_tiny_flux_fill_dir()).save_pretrained(folder))
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class AsukaFluxRunner(PipelineRunner):
+    """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`AsukaFluxFillPipeline` (paste-back is left to
+    :func:`asuka.pipelines._common.run_inpainting`); FLUX needs sizes that are multiples of 16."""
+
+    multiple = 16
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 30.0,
+                 condition_weight: float = OFFICIAL_CONDITION_WEIGHT, progress_bar: bool = True) -> torch.Tensor:
+        return self._run(image, progress_bar, image=image, mask_image=mask, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, condition_weight=condition_weight, generator=generator,
+                         paste_back=False)
+
+
+@register_method("asuka-flux", default_model=default_tiny_asuka_flux_dir,
+                 description="ASUKA on FLUX.1-Fill (the released weights): MAE prior + CLIP/T5 alignment heads + "
+                             "FLUX.1-Fill + harmonizing decoder (default: a tiny random offline pipeline)")
+def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaFluxRunner:
+    """Load a saved :class:`AsukaFluxFillPipeline` folder (``save_pretrained``, e.g. written by
+    ``asuka.models.convert.convert_asuka_flux_release``) or hub id, every component in ``dtype`` — bfloat16 on CUDA
+    unless another half type is asked for (``test_asuka_flux.py`` runs everything in bf16), float32 on CPU."""
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = torch.bfloat16  # the official setting; FLUX.1-Fill in float32 needs 48 GB for the transformer alone
+    return AsukaFluxRunner(load_pipeline(AsukaFluxFillPipeline, model, dtype).to(device))
