@@ -57,6 +57,20 @@ def _load_slices(slices: nn.Module, state: dict[str, torch.Tensor], source: str)
             layer.load_state_dict({k: state[f"features.{idx}.{k}"] for k in expected})
 
 
+def _load_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load LPIPS' linear heads (``lin<i>.model.1.weight``) strictly: every key present with the right shape, and
+    nothing else in the file."""
+    expected = {k: v.shape for k, v in model.state_dict().items()  # lins.<i> aliases lin<i>
+                if k.startswith("lin") and not k.startswith("lins.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        raise ValueError(f"linear_weights {source!r} are not LPIPS v0.1 heads for this backbone: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {wrong}.")
+    model.load_state_dict(state, strict=False)
+
+
 class LPIPS(nn.Module):
     """Per-image LPIPS distance for images in [-1, 1]; ``forward(pred, target) -> (B,)``."""
 
@@ -72,10 +86,13 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(f"linear_weights: no such file {str(linear_weights)!r} (LPIPS v0.1 heads).")
         self.net_name = net
         # pnet_rand=True: build the backbone without torchvision's download; its weights are copied below.
+        # User-given heads are not handed to lpips (it loads them with strict=False, so a wrong file would be
+        # accepted silently): they are read with weights_only and loaded strictly by _load_heads.
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
             warnings.simplefilter("ignore", UserWarning)
-            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, model_path=None if linear_weights is None
-                                         else str(linear_weights), verbose=False)
+            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, pretrained=linear_weights is None, verbose=False)
+        if linear_weights is not None:
+            _load_heads(self.model, read_checkpoint(linear_weights), str(linear_weights))
         _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
         self.requires_grad_(False).eval()
 
