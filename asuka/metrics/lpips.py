@@ -57,6 +57,18 @@ def _load_slices(slices: nn.Module, state: dict[str, torch.Tensor], source: str)
             layer.load_state_dict({k: state[f"features.{idx}.{k}"] for k in expected})
 
 
+def _load_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """The LPIPS v0.1 linear heads ``lin*.model.1.weight`` (the keys lpips' own loader accepts, strict=False)."""
+    expected = {k for k in model.state_dict() if k.startswith("lin") and k[3:4].isdigit()}  # lins.* alias them
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"{source} is not an LPIPS v0.1 linear-head file: missing {missing}.")
+    try:
+        model.load_state_dict({k: state[k] for k in expected}, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"{source} does not fit LPIPS: {str(error).splitlines()[-1].strip()}") from error
+
+
 class LPIPS(nn.Module):
     """Per-image LPIPS distance for images in [-1, 1]; ``forward(pred, target) -> (B,)``."""
 
@@ -71,11 +83,14 @@ class LPIPS(nn.Module):
         if linear_weights is not None and not Path(linear_weights).is_file():
             raise FileNotFoundError(f"linear_weights: no such file {str(linear_weights)!r} (LPIPS v0.1 heads).")
         self.net_name = net
-        # pnet_rand=True: build the backbone without torchvision's download; its weights are copied below.
+        # pnet_rand=True: build the backbone without torchvision's download; pretrained=False: lpips would read its
+        # heads with torch.load and torch's default for weights_only. Both are loaded below with weights_only=True.
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
             warnings.simplefilter("ignore", UserWarning)
-            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, model_path=None if linear_weights is None
-                                         else str(linear_weights), verbose=False)
+            self.model = lpips_lib.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
+        heads = Path(lpips_lib.__file__).parent / "weights" / "v0.1" / f"{net}.pth" if linear_weights is None \
+            else Path(linear_weights)
+        _load_heads(self.model, read_checkpoint(heads, key=None), str(heads))
         _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
         self.requires_grad_(False).eval()
 
