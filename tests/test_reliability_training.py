@@ -71,13 +71,15 @@ def _fit_here(tmp_path: Path, name: str, config: dict, *args: str) -> int:
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    threads = torch.get_num_threads()
+    threads, argv = torch.get_num_threads(), sys.argv
+    sys.argv = ["trainers.fit"]  # not pytest's own arguments (LightningCLI warns about both)
     try:
         main(["--config", str(path), *args])
     except SystemExit as exit_info:
         return exit_info.code
     finally:
         torch.set_num_threads(threads)
+        sys.argv = argv
     return 0
 
 
@@ -262,3 +264,56 @@ def test_lpips_heads_are_read_without_code(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="weights_only=True"):
         LPIPS("alex", backbone, linear_weights=crafted)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, capsys):
+    root = tmp_path / "samples-root"
+    config = _fit_config(tmp_path / "run", root, max_steps=4, every=2, data={"num_workers": 0})
+    assert _fit_here(tmp_path, "first", config) == 0
+    ckpt = tmp_path / "run" / "ckpt"
+    last = ckpt / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut short
+    config["trainer"]["max_steps"] = 6
+    with pytest.warns(UserWarning, match=r"skipped last.ckpt \(unreadable .*resuming from .*step=4.ckpt"):
+        assert _fit_here(tmp_path, "resume", config, "--ckpt_path", "last") == 0
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # rewritten whole
+    assert not list(ckpt.glob(".*.tmp"))
+
+    capsys.readouterr()
+    config["model"]["init_args"]["model"] = {**TINY_MAE, "embed_dim": 32}  # another model: mis-shaped tensors
+    config["trainer"]["max_steps"] = 8
+    assert _fit_here(tmp_path, "other", config, "--ckpt_path", str(last)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m trainers.fit: error: the checkpoint does not fit the model: size mismatch")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    from trainers.checkpoint_io import AtomicCheckpointIO
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise OSError("No space left on device")  # the write fails half-way
+
+    path = tmp_path / "last.ckpt"
+    io_plugin = AtomicCheckpointIO()
+    io_plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    with pytest.raises(OSError, match="No space left"):
+        io_plugin.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "x": Unpicklable()}, path)
+    assert torch.equal(io_plugin.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))  # the old one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"train_shards": []}}, "train_shards is empty; pass at least one shard"),
+    ({"model": {"init_from": "/nonexistent/mae"}}, "init_from='/nonexistent/mae' does not exist"),
+])
+def test_bad_fit_arguments_give_one_line(tmp_path, capsys, change, message):
+    config = _fit_config(tmp_path / "run", tmp_path / "root", max_steps=1, every=1, data={"num_workers": 0})
+    for section, values in change.items():
+        config[section]["init_args"].update(values)
+    assert _fit_here(tmp_path, "bad", config) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m trainers.fit: error: ") and message in err[-1]
