@@ -337,10 +337,10 @@ def empty_prompt_embeddings(flux_fill: str | Path, tokens: int = 256, torch_dtyp
     """``(pooled (1, 768), text (1, tokens, 4096))`` for the prompt ``""`` from a FLUX folder's CLIP and T5 encoders (the
     release's ``vec.pt`` / ``txt_256.pt``), returned in float32 on the CPU. The encoders are loaded in ``torch_dtype``
     for this call only (T5-XXL: 9.5 GB in bf16)."""
-    pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, torch_dtype=torch_dtype,
-                                            **load_kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch_dtype: renamed dtype in new diffusers, the name every version takes
         warnings.simplefilter("ignore", FutureWarning)
+        pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, torch_dtype=torch_dtype,
+                                                **load_kwargs)
         text, pooled, _ = pipe.encode_prompt("", None, device="cpu", max_sequence_length=tokens)
     return pooled.float(), text.float()
 
