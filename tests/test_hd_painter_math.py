@@ -152,7 +152,7 @@ def test_r6_bce_loss_matches_numpy():
     weights = torch.zeros(2, 77)
     weights[0, [1, 2, 5]] = 1
     weights[1, [1, 3]] = 1
-    ours = rasg.bce_loss(rasg.mean_cross_attention(layers), mask, weights)
+    ours = rasg.bce_loss(rasg.mean_cross_attention([x.mean(1) for x in layers]), mask, weights)
     a = np.concatenate([x.numpy() for x in layers], axis=1).astype(np.float64).mean(axis=1)   # (B, N, L)
     for b in range(2):
         total = 0.0

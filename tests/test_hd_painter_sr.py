@@ -6,11 +6,22 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionUpscalePipeline
 
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 from asuka.pipelines.hd_painter.sr import InpaintSRPipeline
 
 SIZE = 64      # output long side in these tests (2048 by default)
 PAD = 32       # canvas multiple (256 by default)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,13 @@ def standardise(g: torch.Tensor) -> torch.Tensor:
     return g / std.view(-1, *([1] * (g.ndim - 1)))
 
 
-def mean_cross_attention(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``A_bar`` (B, N, L): the mean over layers and heads of pre-softmax logits, each (B, heads, N, L)."""
-    return torch.cat(list(logits), dim=1).float().mean(dim=1)
+def mean_cross_attention(head_means: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``A_bar`` (B, N, L): the mean over layers of per-layer head-mean pre-softmax logits, each (B, N, L).
+
+    Equal to the official mean over the concatenation of layers x heads, since every latent/4 layer of an SD UNet
+    has the same number of heads."""
+    maps = torch.stack(list(head_means))
+    return maps.mean(dim=0) if maps.dtype == torch.float64 else maps.float().mean(dim=0)
 
 
 def bce_loss(mean_logits: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,

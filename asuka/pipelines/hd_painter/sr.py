@@ -30,7 +30,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from torchvision.transforms.functional import gaussian_blur
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from asuka.pipelines.common import InputError, load_image, prepare_inputs, resize_image, to_numpy_uint8
+from asuka.errors import InputError
+from asuka.pipelines._common import load_image, prepare_inputs
+from asuka.tensors import resize_image, to_numpy_uint8
+from asuka.pipelines._sampling import check_callback_inputs
 from asuka.pipelines.hd_painter.blend import poisson_blend
 from asuka.pipelines.hd_painter.preprocess import dilate, pad_bottom_right, working_size
 
@@ -95,7 +98,7 @@ def _low_res_canvas(low_res: torch.Tensor, hr_size: tuple[int, int], canvas: tup
 def _prompts(prompt: str | list[str], batch: int, suffix: str) -> list[str]:
     prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
     if len(prompts) != batch:
-        raise InputError(f"prompt: {len(prompts)} prompts for {batch} images; pass one prompt or one per image")
+        raise InputError(f"{len(prompts)} prompts for {batch} images; pass one prompt or one per image", "prompt")
     if not suffix:
         return prompts
     return [f"{p}, {suffix}" if p else suffix for p in prompts]
@@ -188,28 +191,27 @@ class InpaintSRPipeline(DiffusionPipeline):
             output_type: "pil", "np" or "pt" ([0, 1] like diffusers).
         """
         if output_type not in ("pil", "np", "pt"):
-            raise InputError(f"output_type={output_type!r}; use 'pil', 'np' or 'pt'")
+            raise InputError(f"{output_type!r} is not one of 'pil', 'np', 'pt'", "output_type")
         if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise InputError(f"must be >= 1, got {num_inference_steps}", "num_inference_steps")
         if not 0 <= noise_level <= self.config.max_noise_level:
-            raise InputError(f"noise_level={noise_level} is outside [0, {self.config.max_noise_level}] "
-                             "(the upscaler's max_noise_level)")
+            raise InputError(f"{noise_level} is outside [0, {self.config.max_noise_level}] (the upscaler's "
+                             "max_noise_level); the official value is 20", "noise_level")
         if output_long_side < 32:
-            raise InputError(f"output_long_side={output_long_side} is too small; pass at least 32 (default 2048)")
+            raise InputError(f"{output_long_side} is too small; pass at least 32 (default 2048)", "output_long_side")
         unit = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if pad_multiple < unit or pad_multiple % unit:
-            raise InputError(f"pad_multiple={pad_multiple} must be a multiple of {unit} (VAE factor x UNet "
-                             "downsampling); default 256")
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise InputError(f"callback_on_step_end_tensor_inputs has {bad}; allowed: {self._callback_tensor_inputs}")
+            raise InputError(f"{pad_multiple} is not a multiple of {unit} (VAE factor x UNet downsampling); "
+                             "default 256", "pad_multiple")
+        names = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         image, mask = prepare_inputs(image, mask_image)
         batch = image.shape[0]
         low = load_image(low_res, name="low_res")
         if low.shape[0] == 1 and batch > 1:
             low = low.expand(batch, -1, -1, -1)
         if low.shape[0] != batch:
-            raise InputError(f"low_res: batch {low.shape[0]} differs from the image batch {batch}")
+            raise InputError(f"batch {low.shape[0]} differs from the image batch {batch}; pass one low-resolution "
+                             "result per image", "low_res")
         device = self._execution_device
         dtype = self.unet.dtype
 
@@ -225,7 +227,8 @@ class InpaintSRPipeline(DiffusionPipeline):
         prompts = _prompts(prompt, batch, prompt_suffix)
         negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != batch:
-            raise InputError(f"negative_prompt: {len(negatives)} prompts for {batch} images; pass one or one per image")
+            raise InputError(f"{len(negatives)} prompts for {batch} images; pass one or one per image",
+                             "negative_prompt")
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, do_cfg, negatives)
         text = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
 
@@ -271,7 +274,7 @@ class InpaintSRPipeline(DiffusionPipeline):
                 latents = deterministic_step(x0, eps, alpha_prev)
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "x0": x0}
-                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in names})
                     latents = out.pop("latents", latents)
                 bar.update()
 
