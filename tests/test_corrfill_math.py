@@ -384,7 +384,7 @@ def test_presets_follow_table_s1():
 
 
 def test_bad_settings_are_input_errors_naming_the_field():
-    from asuka.pipelines.common import InputError
+    from asuka.errors import InputError
 
     with pytest.raises(InputError, match="preset .* is for baseline"):
         make_config("side-by-side", "leftrefill-re10k")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from asuka.errors import InputError
+
 BASELINES = ("side-by-side", "leftrefill", "ip-adapter-plus", "paint-by-example")
 
 # Execution-order indices (down -> mid -> up) of the self-attention layers whose maps vote into the matching map.
@@ -58,28 +60,25 @@ class CorrFillConfig:
     head_chunk: int = 1
 
     def __post_init__(self) -> None:
-        from asuka.pipelines.common import InputError
-
         for name in ("step_masking", "step_optimize", "dominant_thresh", "min_valid", "head_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name} must be an integer >= 0, got {value!r}", field=name)
+                raise InputError(f"must be an integer >= 0, got {value!r}", f"options.{name}")
         if self.mask_window == 0:
-            raise InputError("mask_window must be > 0 (tokens) or < 0 (ratio of the image side), got 0",
-                             field="mask_window")
+            raise InputError("must be > 0 (tokens) or < 0 (ratio of the image side), got 0", "options.mask_window")
         for name in ("smooth_window", "heatmap_radius"):
             if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}", field=name)
+                raise InputError(f"must be > 0, got {getattr(self, name)!r}", f"options.{name}")
         for name in ("mask_boost", "str_optimize", "base_lr", "loss_rescale"):
             if not getattr(self, name) >= 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}", field=name)
+                raise InputError(f"must be >= 0, got {getattr(self, name)!r}", f"options.{name}")
         if self.dominant_bank_update not in BANK_UPDATES:
-            raise InputError(f"dominant_bank_update must be one of {', '.join(BANK_UPDATES)}, "
-                             f"got {self.dominant_bank_update!r}", field="dominant_bank_update")
+            raise InputError(f"must be one of {', '.join(BANK_UPDATES)}, got {self.dominant_bank_update!r}",
+                             "options.dominant_bank_update")
         layers = tuple(self.vote_layers)
         if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-            raise InputError(f"vote_layers must be non-empty layer indices >= 0, got {self.vote_layers!r}",
-                             field="vote_layers")
+            raise InputError(f"must be non-empty layer indices >= 0, got {self.vote_layers!r}",
+                             "options.vote_layers")
         object.__setattr__(self, "vote_layers", tuple(sorted(set(layers))))
 
     @property
@@ -149,21 +148,19 @@ def make_config(baseline: str = "side-by-side", preset: str | None = None, profi
                 **overrides) -> CorrFillConfig:
     """The settings for ``baseline``: its preset (default ``<baseline>-re10k``), then ``profile``, then
     ``overrides`` (any :class:`CorrFillConfig` field)."""
-    from asuka.pipelines.common import InputError
-
     if baseline not in BASELINES:
-        raise InputError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}", field="baseline")
+        raise InputError(f"must be one of {', '.join(BASELINES)}, got {baseline!r}", "options.baseline")
     preset = preset or DEFAULT_PRESET[baseline]
     if preset not in PRESETS:
-        raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}", field="preset")
+        raise InputError(f"must be one of {', '.join(PRESETS)}, got {preset!r}", "options.preset")
     if PRESETS[preset].baseline != baseline:
         raise InputError(f"preset {preset!r} is for baseline {PRESETS[preset].baseline!r}, not {baseline!r}; pick "
                          f"one of {', '.join(p for p, v in PRESETS.items() if v.baseline == baseline)}",
-                         field="preset")
+                         "options.preset")
     if profile not in PROFILES:
-        raise InputError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}", field="profile")
+        raise InputError(f"must be one of {', '.join(PROFILES)}, got {profile!r}", "options.profile")
     known = {f.name for f in fields(CorrFillConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise InputError(f"unknown CorrFill setting(s): {', '.join(unknown)}", field=unknown[0])
+        raise InputError(f"unknown CorrFill setting(s): {', '.join(unknown)}", f"options.{unknown[0]}")
     return replace(CorrFillConfig(), **{**PRESETS[preset].settings, **PROFILE_SETTINGS[profile], **overrides})

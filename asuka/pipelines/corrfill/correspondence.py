@@ -119,7 +119,7 @@ def estimate(bank: torch.Tensor, *, enable_filter: bool, dominant_thresh: int, b
     both ``(B, H*H, 2)``. A target row of the bank that is all zero has no correspondence."""
     top, match = bank.max(-1)
     valid = top != 0
-    centers = token_centers(grid_side(bank.shape[-1]), device=bank.device, dtype=torch.float32)
+    centers = token_centers(grid_side(bank.shape[-1]), device=bank.device, dtype=bank.dtype)
     raw = torch.where(valid[..., None], centers[match], float("nan"))
     outlier = torch.zeros_like(valid)
     if enable_filter:

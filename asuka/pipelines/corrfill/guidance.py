@@ -107,12 +107,13 @@ def correspondence_loss(maps: torch.Tensor, P: torch.Tensor, radius: float) -> t
     batch, queries, keys = maps.shape
     side, n = grid_side(keys), grid_side(queries)
     scale = side // n
-    x = normalize_rows(maps.float())
+    dtype = torch.promote_types(maps.dtype, torch.float32)
+    x = normalize_rows(maps.to(dtype))
     softplus = F.softplus(x)
     fine_to_coarse = torch.arange(side, device=maps.device) // scale
     rows = (fine_to_coarse[:, None] * n + fine_to_coarse[None, :]).reshape(-1)  # coarse row of each target token
     valid = ~P[..., 0].isnan()
-    key_idx, member = positive_keys(P.float(), radius)
+    key_idx, member = positive_keys(P.to(dtype), radius)
     member = member & valid[..., None]
     flat = (rows[None, :, None] * keys + key_idx).reshape(batch, -1)  # (coarse row, positive key) of each token
     pos_x = torch.where(member, x.reshape(batch, -1).gather(1, flat).view_as(member), 0).sum(-1)

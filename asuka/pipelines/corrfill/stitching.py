@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import torch
 
+from asuka.errors import InputError
+
 
 def check_pair(reference: torch.Tensor, image: torch.Tensor) -> None:
     """A reference must have the target's size, and the halves must be square (CorrFill's grids are square)."""
-    from asuka.pipelines.common import InputError
-
     if reference.shape[-2:] != image.shape[-2:]:
-        raise InputError(f"reference: size {tuple(reference.shape[-2:])} differs from the image's "
+        raise InputError(f"size {tuple(reference.shape[-2:])} differs from the image's "
                          f"{tuple(image.shape[-2:])}; pass a reference of the image's size (CorrFill stitches them "
                          "side by side)")
     if reference.shape[0] != image.shape[0]:
-        raise InputError(f"reference: {reference.shape[0]} reference image(s) for {image.shape[0]} image(s); pass one "
-                         "reference per image")
+        raise InputError(f"{reference.shape[0]} reference image(s) for {image.shape[0]} image(s); pass one reference per "
+                         "image", "inputs.reference")
     height, width = image.shape[-2:]
     if height != width:
-        raise InputError(f"image: CorrFill needs square images (it matches square token grids), got {height}x{width}; "
-                         "crop or resize to a square (the paper uses 512x512)")
+        raise InputError(f"CorrFill needs square images (it matches square token grids), got {height}x{width}; "
+                         "crop or resize to a square (the paper uses 512x512)", "image")
 
 
 def stitch(reference: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
