@@ -17,6 +17,15 @@ OFF = CorrFillConfig(enable_masking=False, enable_latent_opt=False)
 FULL = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other test processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     pipe = CorrFillInpaintPipeline(**tiny_sd_components(), requires_safety_checker=False)
@@ -106,12 +115,16 @@ def test_no_state_leaks_between_images_and_runs_are_deterministic(pipe):
 
 
 def test_a_batch_of_two_equals_the_two_single_runs(pipe):
+    """Votes from the full-resolution layers only: with random tiny weights the coarse layers' upsampled maps have
+    exact ties, whose argmax flips under the last-bit differences of batched vs single UNet numerics (not a state
+    leak: the maps agree to 1e-16 in float64). Without ties, batch and singles agree to float32 noise."""
     ref, img, mask = inputs(batch=2, seed=3)
     mask[1] = 0
     mask[1, :, 8:40, 8:30] = 1
-    batch = run(pipe, FULL, ref, img, mask, seeds=(0, 1))
+    config = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS, vote_layers=(13, 14, 15))
+    batch = run(pipe, config, ref, img, mask, seeds=(0, 1))
     for i in range(2):
-        single = run(pipe, FULL, ref[i:i + 1], img[i:i + 1], mask[i:i + 1], seeds=(i,))
+        single = run(pipe, config, ref[i:i + 1], img[i:i + 1], mask[i:i + 1], seeds=(i,))
         torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-4, atol=1e-5)
 
 

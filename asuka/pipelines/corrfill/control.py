@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from asuka.attention import AttentionControl, Read
+from asuka.attention import AttentionControl, Read, RowBias
 from asuka.pipelines.corrfill import correspondence as corr
 from asuka.pipelines.corrfill import guidance
 from asuka.pipelines.corrfill.config import CorrFillConfig
@@ -141,13 +141,10 @@ class CorrespondenceMask(AttentionControl):
         s = self.state
         return s.phase == MAIN and s.step < s.config.masking_steps
 
-    def score_bias(self, call) -> torch.Tensor:
+    def row_bias(self, call) -> RowBias:
         s = self.state
-        h, w = call.grid
-        target = s.mask(h).to(call.query.dtype)  # (B, h*h, h*w)
-        bias = torch.zeros(call.batch_size, h, 2, h, h * w, device=target.device, dtype=target.dtype)
-        cond = call.cond
-        bias[cond, :, 1] = target.view(-1, h, h, h * w)
+        h, _ = call.grid
+        target = s.mask(h).to(call.query.dtype)[:, None]  # (B, 1, h*h, h*w): target rows of the cond half
         if call.state.cfg and s.config.mask_uncond_branch:
-            bias[: cond.start, :, 1] = target.view(-1, h, h, h * w)
-        return bias.view(call.batch_size, 1, h * w, h * w)
+            return RowBias(s.target_rows(call.grid), torch.cat([target, target]))
+        return RowBias(s.target_rows(call.grid), target, batch=call.cond)
