@@ -169,7 +169,7 @@ class FluxAlignerModule(StageModule):
 
     def load_pretrained(self) -> None:
         from asuka.models.convert import read_tensor
-        from asuka.pipelines.asuka_flux import empty_prompt_embeddings
+        from asuka.pipelines.asuka_flux.pipeline import empty_prompt_embeddings
 
         hp = self.hparams
         mae_path = Path(hp.mae).expanduser()
@@ -220,7 +220,7 @@ class FluxAlignerModule(StageModule):
     def pipeline(self):
         """An :class:`~asuka.pipelines.asuka_flux.AsukaFluxFillPipeline` on the current weights (FLUX vae decoder),
         built once: its FLUX.1-Fill latent helpers also prepare the training inputs."""
-        from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline
+        from asuka.pipelines.asuka_flux.pipeline import AsukaFluxFillPipeline
 
         self._require_frozen()
         if self._pipe is None:
