@@ -85,14 +85,15 @@ class LPIPS(nn.Module):
         if linear_weights is not None and not Path(linear_weights).is_file():
             raise FileNotFoundError(f"linear_weights: no such file {str(linear_weights)!r} (LPIPS v0.1 heads).")
         self.net_name = net
-        # pnet_rand=True: build the backbone without torchvision's download; its weights are copied below.
-        # User-given heads are not handed to lpips (it loads them with strict=False, so a wrong file would be
-        # accepted silently): they are read with weights_only and loaded strictly by _load_heads.
+        # pnet_rand=True: build the backbone without torchvision's download; pretrained=False: lpips would read its
+        # heads with torch.load under torch's default for weights_only and load them with strict=False. The heads
+        # (bundled or given) are read with weights_only=True and loaded strictly by _load_heads.
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
             warnings.simplefilter("ignore", UserWarning)
-            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, pretrained=linear_weights is None, verbose=False)
-        if linear_weights is not None:
-            _load_heads(self.model, read_checkpoint(linear_weights), str(linear_weights))
+            self.model = lpips_lib.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
+        heads = Path(lpips_lib.__file__).parent / "weights" / "v0.1" / f"{net}.pth" if linear_weights is None \
+            else Path(linear_weights)
+        _load_heads(self.model, read_checkpoint(heads), str(heads))
         _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
         self.requires_grad_(False).eval()
 
