@@ -334,3 +334,28 @@ def test_override_flags():
     assert all(p.sams and p.makvs and not p.steer for p in plans)
     off = plan_steps(_ddim_timesteps(10), use_sams=False, use_steer=False, use_makvs=False)
     assert not any(p.sams or p.steer or p.makvs for p in off)
+
+
+# ---------------------------------------------------------------- diagnostics
+
+
+def test_attention_pca_separates_block_structured_maps(tmp_path):
+    from PIL import Image
+
+    from asuka.pipelines.harmonpaint.diagnostics import attention_pca_image, cross_attention_images, save_png
+
+    hole = torch.zeros(16, dtype=torch.bool)
+    hole[[1, 2, 5, 6]] = True
+    same = (hole[:, None] == hole[None, :]).float()
+    attention = same / same.sum(-1, keepdim=True)  # tokens attend within their own region only
+    image = attention_pca_image(attention, (4, 4))
+    assert image.shape == (3, 4, 4) and image.min() >= 0 and image.max() <= 1
+    colours = image.reshape(3, 16).T
+    assert torch.allclose(colours[hole], colours[hole][:1]) and torch.allclose(colours[~hole], colours[~hole][:1])
+    assert not torch.allclose(colours[hole][0], colours[~hole][0])
+    probs = torch.softmax(torch.randn(16, 5), -1)
+    maps = cross_attention_images(probs, (4, 4), [1, 3])
+    assert maps.shape == (2, 4, 4) and maps.amin((1, 2)).tolist() == [0.0, 0.0]
+    assert maps.amax((1, 2)).tolist() == [1.0, 1.0]
+    path = save_png(image, tmp_path / "pca.png", scale=2)
+    assert Image.open(path).size == (8, 8) and Image.open(save_png(maps[:1], tmp_path / "m.png")).mode == "L"
