@@ -4,7 +4,7 @@ Subcommands are :class:`Subcommand` objects listed by ``"module:attribute"`` in 
 module adds one with one line there. Modules named there must stay import-light (argparse only at top
 level; torch, diffusers and friends are imported inside ``run``) so that ``asuka --help`` is fast.
 
-Bad input (:class:`~asuka.pipelines.common.InputError`, missing files, unloadable weights) ends the command
+Bad input (:class:`~asuka.errors.InputError`, missing files, unloadable weights) ends the command
 with a one-line ``asuka <command>: error: ...`` message on stderr and exit status 1, without a traceback.
 """
 
@@ -20,7 +20,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Callable, Sequence
 
-from asuka.pipelines.hd import DEFAULT_MAX_SIZE, HD_STRATEGIES, HDStrategy
+from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HD_STRATEGIES, HDStrategy
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ _SAVE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def _pairs(args: argparse.Namespace) -> list[tuple[str, object, object]]:
     """(output stem, image, mask) for every input; image/mask are paths or arrays (demo)."""
-    from asuka.pipelines.common import InputError, InputFileNotFoundError, list_image_files
+    from asuka.errors import InputError, InputFileNotFoundError
+    from asuka.pipelines._common import list_image_files
 
     if args.image is None:
         if args.mask is not None:
@@ -118,7 +119,8 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, object, object]]:
 
 
 def _match_mask(image: Path, mask_dir: Path) -> Path:
-    from asuka.pipelines.common import InputFileNotFoundError, list_image_files
+    from asuka.errors import InputFileNotFoundError
+    from asuka.pipelines._common import list_image_files
 
     matches = [p for p in list_image_files(mask_dir) if p.stem == image.stem]
     if not matches:
@@ -134,7 +136,7 @@ def demo_inputs(size: int = DEMO_SIZE):
     from PIL import Image
 
     from asuka.masks import get_mask_generator
-    from asuka.pipelines.common import MASK_THRESHOLD
+    from asuka.tensors import MASK_THRESHOLD
 
     photo = Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.Resampling.BICUBIC)
     mask = get_mask_generator("misato_eval")(size, size, np.random.default_rng(DEMO_SEED))
@@ -182,8 +184,8 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from asuka.pipelines.common import load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil
-    from asuka.pipelines.registry import available_methods, get_method
+    from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil
+    from asuka.pipelines._registry import available_methods, get_method
 
     if args.list_methods:
         for name in available_methods():
@@ -255,11 +257,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     return parser, commands
 
 
+def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
+    """The command-line spelling of a library field (:class:`~asuka.errors.InputError`'s ``field``): a
+    ``options.KEY`` field is ``--set KEY``, an ``inputs.ROLE`` field ``--ROLE``, a field that is an argument's
+    ``dest`` that argument's flag; anything else is printed as is."""
+    head, _, key = field.partition(".")
+    if head == "options" and key:
+        return f"--set {key}"
+    if head == "inputs" and key:
+        field = key
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    return flags.get(field, flags.get(field.replace("-", "_"), field))
+
+
+def error_line(err: Exception, parser: argparse.ArgumentParser) -> str:
+    """One line for an error: an :class:`~asuka.errors.InputError` with a field is prefixed by its flag."""
+    from asuka.errors import InputError
+
+    text = f"{flag_for(err.field, parser)}: {err.message}" if isinstance(err, InputError) and err.field else str(err)
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asuka`` console script; returns the exit status."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    from asuka.pipelines.common import InputError  # noqa: E402  (after parsing: keeps --help fast)
+    from asuka.errors import InputError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"asuka {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
@@ -269,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return commands[args.command].run(args) or 0
         except (InputError, CommandError, FileNotFoundError, OSError) as err:
-            message = " ".join(str(err).split())
-            print(f"asuka {args.command}: error: {message}", file=sys.stderr)
+            subparser = parser._subparsers._group_actions[0].choices[args.command]
+            print(f"asuka {args.command}: error: {error_line(err, subparser)}", file=sys.stderr)
             return 1
 
 

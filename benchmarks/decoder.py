@@ -156,7 +156,7 @@ def folder_cases(images: Path, masks: Path, size: int) -> list[tuple[str, np.nda
     """Pairs by sorted file name: ``images/*`` (RGB) and ``masks/*`` (white = hole), resized to ``size``²."""
     import cv2
 
-    from asuka.pipelines.common import load_image, load_mask
+    from asuka.pipelines._common import load_image, load_mask
 
     image_files = sorted(p for p in images.iterdir() if p.is_file())
     mask_files = sorted(p for p in masks.iterdir() if p.is_file())

@@ -66,7 +66,7 @@ def per_image_table(size: int, batch: int, repeats: int, tmp: Path) -> list[tupl
 
     from asuka.metrics import (CLIPScore, InceptionFeatures, LPIPS, boundary_gradient, psnr,
                                save_random_inception_weights, ssim)
-    from asuka.pipelines.common import paste_back
+    from asuka.tensors import paste_back
 
     pred, gt, mask = _inputs(size, batch)
     comp = paste_back(pred, gt, mask)

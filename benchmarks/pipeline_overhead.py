@@ -36,7 +36,7 @@ from diffusers.utils import logging as diffusers_logging
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.tiny import sd15_text_encoder, sd15_unet, sd15_vae
-from asuka.pipelines.common import paste_back
+from asuka.tensors import paste_back
 
 
 def _sync(device: torch.device) -> None:

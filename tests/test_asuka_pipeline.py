@@ -17,7 +17,7 @@ from skimage import data
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.pipelines.asuka import AsukaInpaintPipeline
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 
 SIZE = 64
 STEPS = 2

@@ -134,7 +134,7 @@ def test_folder_with_missing_mask(files, tiny_inpaint_dir, tmp_path, capsys):
 
 
 def test_any_registered_method_and_its_options(files, tmp_path, capsys, monkeypatch):
-    from asuka.pipelines import registry
+    from asuka.pipelines import _registry as registry
 
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     seen = {}

@@ -10,25 +10,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from asuka.pipelines.common import (
-    MASK_THRESHOLD,
-    InputError,
-    InputFileNotFoundError,
-    SoftMaskWarning,
-    crop_padding,
-    list_image_files,
-    load_image,
-    load_mask,
-    mask_to_pil,
-    pad_to_multiple,
-    paste_back,
-    prepare_inputs,
-    resize_mask,
-    run_inpainting,
-    to_numpy_uint8,
-    to_pil,
+from asuka.errors import InputError, InputFileNotFoundError
+from asuka.pipelines._common import (
+    SoftMaskWarning, list_image_files, load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil,
 )
-from asuka.pipelines.hd import HDStrategy, crop_region, expand_box, hole_bbox, resize_target
+from asuka.pipelines._hd import HDStrategy, crop_region, expand_box, hole_bbox, resize_target
+from asuka.tensors import MASK_THRESHOLD, crop_padding, pad_to_multiple, paste_back, resize_mask, to_numpy_uint8
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from asuka.evaluation.predict import predict
 from asuka.evaluation.runner import EvalConfig, evaluate
 from asuka.evaluation.scoring import MetricConfig, MetricSuite, write_shard
 from asuka.metrics import fid_from_features, inception_discriminative_scores, save_random_inception_weights
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 
 SIZE = 64
 # (MISATO index, hole side in px): four domains, hole ratios 1.6 % .. 39 %

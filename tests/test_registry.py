@@ -8,9 +8,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from asuka.pipelines import registry
-from asuka.pipelines.common import InputError, run_inpainting
-from asuka.pipelines.registry import available_methods, get_method, register_method
+from asuka.pipelines import _registry as registry
+from asuka.errors import InputError
+from asuka.pipelines._common import run_inpainting
+from asuka.pipelines._registry import available_methods, get_method, register_method
 
 
 def test_sd_is_found_lazily_and_listed():
@@ -20,7 +21,7 @@ def test_sd_is_found_lazily_and_listed():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(InputError, match=r"--method: unknown inference method 'nope'; available: .*sd"):
+    with pytest.raises(InputError, match=r"method: unknown inference method 'nope'; available: .*sd"):
         get_method("nope")
     with pytest.raises(InputError, match="unknown inference method"):
         get_method("../etc")
@@ -48,14 +49,14 @@ def test_register_method_from_another_module(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         register_method("identity-test")(lambda model, *, device, dtype: None)
     no_default = register_method("no-default-test")(build)
-    with pytest.raises(InputError, match="--model: method 'no-default-test' has no default weights"):
+    with pytest.raises(InputError, match="model: method 'no-default-test' has no default weights"):
         get_method("no-default-test").load()
     assert no_default is build
 
 
 def test_sd_model_argument_checked(tmp_path):
     sd = get_method("sd")
-    with pytest.raises(InputError, match=r"--model: folder not found: .*missing"):
+    with pytest.raises(InputError, match=r"model: folder not found: .*missing"):
         sd.load(tmp_path / "missing")
     with pytest.raises(InputError, match="no model_index.json"):
         sd.load(tmp_path)

@@ -42,7 +42,7 @@ from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 from lightning.pytorch.utilities import rank_zero_info
 
 from asuka.models.decoder import HarmonizingDecoderKL, decoder_widths
-from asuka.pipelines.common import paste_back
+from asuka.tensors import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.color_augment import color_jitter, sample_params
 from trainers.losses import NLayerDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss, kl_loss, nll_loss

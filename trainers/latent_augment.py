@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
                                manifest_splits, write_manifest)
-from asuka.pipelines.common import to_numpy_uint8
+from asuka.tensors import to_numpy_uint8
 from trainers.sources import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]

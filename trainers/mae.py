@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from asuka.models.mae import MAEPrior, param_groups_weight_decay, preprocess
-from asuka.pipelines.common import paste_back
+from asuka.tensors import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.schedules import scaled_lr
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from asuka.pipelines.common import load_image, load_mask
+from asuka.pipelines._common import load_image, load_mask
 
 __all__ = ["MISATO_DOMAINS", "MISATO_RESOLUTIONS", "MisatoItem", "misato_domain", "list_misato", "MisatoDataset"]
 

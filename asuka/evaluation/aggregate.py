@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from asuka.pipelines.common import InputError, InputFileNotFoundError
+from asuka.errors import InputError, InputFileNotFoundError
 
 HOLE_BINS = 10
 _SHARD_NAME = re.compile(r"^(\d{4})-of-(\d{4})\.json$")

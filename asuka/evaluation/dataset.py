@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asuka.data.misato import MISATO_RESOLUTIONS, list_misato
-from asuka.pipelines.common import InputError, InputFileNotFoundError, list_image_files
+from asuka.errors import InputError, InputFileNotFoundError
+from asuka.pipelines._common import list_image_files
 
 ALL_DOMAIN = "all"
 _IMAGE_DIRS, _MASK_DIRS = ("image", "images"), ("mask", "masks")
@@ -81,7 +82,7 @@ def load_pair(item: EvalItem):
     image, as the official MISATO loader does."""
     import torch.nn.functional as F
 
-    from asuka.pipelines.common import load_image, load_mask
+    from asuka.pipelines._common import load_image, load_mask
 
     image = load_image(str(item.image_path), name=f"image {item.image_path.name}")
     mask = load_mask(str(item.mask_path), name=f"mask {item.mask_path.name}")

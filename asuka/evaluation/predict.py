@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from asuka.pipelines.common import MASK_THRESHOLD, run_inpainting, to_pil
+from asuka.tensors import MASK_THRESHOLD
+from asuka.pipelines._common import run_inpainting, to_pil
 
 from .dataset import EvalItem, load_pair
 

@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from asuka.pipelines.common import MASK_THRESHOLD, load_image, paste_back, to_pil
+from asuka.tensors import MASK_THRESHOLD, paste_back
+from asuka.pipelines._common import load_image, to_pil
 
 from .dataset import EvalItem, find_prediction, load_pair
 

@@ -64,7 +64,7 @@ def _device(name: str | None):
 
 def _predict(config: EvalConfig, mine, folder: Path, device) -> None:
     from asuka.cli import method_options
-    from asuka.pipelines.registry import get_method
+    from asuka.pipelines._registry import get_method
 
     from .predict import predict
 
@@ -77,7 +77,7 @@ def _predict(config: EvalConfig, mine, folder: Path, device) -> None:
 
 def evaluate(config: EvalConfig) -> dict | None:
     """Run this process's share; returns the merged summary where this process merges, else ``None``."""
-    from asuka.pipelines.common import InputError
+    from asuka.errors import InputError
 
     from .scoring import MetricSuite, score_items, write_shard
 

@@ -18,7 +18,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from asuka.pipelines.common import InputError, InputFileNotFoundError, MASK_THRESHOLD, load_image, paste_back
+from asuka.errors import InputError, InputFileNotFoundError
+from asuka.tensors import MASK_THRESHOLD, paste_back
+from asuka.pipelines._common import load_image
 
 from . import METRICS
 from .dataset import EvalItem, find_prediction, load_pair

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from asuka.pipelines.common import to_uint8
+from asuka.tensors import to_uint8
 
 
 def _embedding(output) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from asuka.models.checkpoint import read_checkpoint
-from asuka.pipelines.common import to_uint8
+from asuka.tensors import to_uint8
 
 from .weights import WeightSource, resolve_weights
 

@@ -141,7 +141,7 @@ def postprocess(pred_norm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _check_image_mask(image: torch.Tensor, mask: torch.Tensor) -> None:
     if not isinstance(image, torch.Tensor) or not isinstance(mask, torch.Tensor):
-        raise TypeError("image and mask must be torch tensors; use asuka.pipelines.common.load_image/load_mask "
+        raise TypeError("image and mask must be torch tensors; use asuka.pipelines._common.load_image/load_mask "
                         f"for files, PIL or numpy (got {type(image).__name__}, {type(mask).__name__})")
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"image must have shape (B, 3, H, W) in [-1, 1], got {tuple(image.shape)}")

@@ -38,9 +38,11 @@ from asuka.models import decoder as _decoder
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
-from asuka.pipelines.common import InputError, crop_padding, pad_to_multiple, prepare_inputs, resize_image, resize_mask
-from asuka.pipelines.common import paste_back as paste_known_pixels
-from asuka.pipelines.registry import PipelineRunner, load_pipeline, register_method
+from asuka.errors import InputError
+from asuka.pipelines._common import prepare_inputs
+from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
+from asuka.tensors import paste_back as paste_known_pixels
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -252,7 +254,7 @@ def _model_class(folder: str | Path) -> type:
 # ---------------------------------------------------------------------------------------------- registry
 class AsukaRunner(PipelineRunner):
     """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`AsukaInpaintPipeline` (paste-back is left
-    to :func:`asuka.pipelines.common.run_inpainting`)."""
+    to :func:`asuka.pipelines._common.run_inpainting`)."""
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
                  num_inference_steps: int = 50, progress_bar: bool = True) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from asuka.pipelines.registry import PipelineRunner, load_pipeline, register_method
+from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
 
 
 class SDInpaintRunner(PipelineRunner):

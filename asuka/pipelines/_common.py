@@ -1,5 +1,8 @@
 """Image and mask I/O, sizes and paste-back: every inference method goes through this module.
 
+The tensor helpers it applies (padding, resizing, paste-back, uint8 conversion, :data:`MASK_THRESHOLD`) live in
+:mod:`asuka.tensors`; errors are :mod:`asuka.errors`'s.
+
 Conventions (DESIGN.md), applied once, at the boundary:
 
 - **Images** become ``float32`` tensors ``(B, 3, H, W)`` in ``[-1, 1]``.
@@ -26,7 +29,7 @@ Conventions (DESIGN.md), applied once, at the boundary:
 
 Example::
 
-    from asuka.pipelines.common import load_image, load_mask, run_inpainting, to_pil
+    from asuka.pipelines._common import load_image, load_mask, run_inpainting, to_pil
 
     image = load_image("photo.png")          # (1,3,H,W) in [-1,1]
     mask = load_mask("mask.png")             # (1,1,H,W) in {0,1}, 1 = hole
@@ -43,27 +46,17 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from asuka.pipelines.hd import DEFAULT_MAX_SIZE, HDStrategy, crop_region, resize_target
-
-MASK_THRESHOLD = 0.5
-"""A mask pixel is a hole when its value on the [0, 1] scale is >= this (>= 128 for uint8)."""
-
-DEFAULT_MULTIPLE = 8
+from asuka.errors import InputError, InputFileNotFoundError
+from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HDStrategy, crop_region, resize_target
+from asuka.tensors import DEFAULT_MULTIPLE, MASK_THRESHOLD, crop_padding, pad_to_multiple, resize_image, resize_mask
+from asuka.tensors import paste_back as _paste_back  # run_inpainting's ``paste_back`` flag shadows the name
+from asuka.tensors import to_numpy_uint8
 
 _RANGE_TOLERANCE = 1e-3  # float tensors may overshoot [-1, 1] / [0, 1] by this much (then clamped)
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
-
-
-class InputError(ValueError):
-    """Bad input to an inference entry point; the message names the argument and the fix."""
-
-
-class InputFileNotFoundError(InputError, FileNotFoundError):
-    """A path argument names no file (both an :class:`InputError` and a ``FileNotFoundError``)."""
 
 
 class SoftMaskWarning(UserWarning):
@@ -297,73 +290,6 @@ def check_max_size(height: int, width: int, max_size: int) -> None:
                          "(--hd-strategy crop|resize) to process a crop around the hole or a downscaled copy")
 
 
-# ------------------------------------------------------------------------------------------------- sizes
-Pad = tuple[int, int, int, int]  # F.pad order: (left, right, top, bottom)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = DEFAULT_MULTIPLE,
-                    mode: str = "reflect") -> tuple[torch.Tensor, Pad]:
-    """Pad ``x`` (B,C,H,W) on the bottom/right so H and W are multiples of ``multiple``.
-
-    ``mode="reflect"`` for images (falls back to ``replicate`` where the image is too small to reflect),
-    ``mode="constant"`` (zeros) for masks. Returns the padded tensor and the pad for :func:`crop_padding`.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1; got {multiple}")
-    h, w = x.shape[-2:]
-    pad = (0, (-w) % multiple, 0, (-h) % multiple)
-    if pad == (0, 0, 0, 0):
-        return x, pad
-    if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
-        mode = "replicate"
-    return F.pad(x, pad, mode=mode), pad
-
-
-def crop_padding(x: torch.Tensor, pad: Pad) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`."""
-    left, right, top, bottom = pad
-    h, w = x.shape[-2:]
-    return x[..., top:h - bottom, left:w - right]
-
-
-def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize images (B,3,H,W) in [-1,1] to ``size`` = (H, W): bicubic, antialiased, clamped to [-1, 1]."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-
-
-def resize_mask(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize masks (B,1,H,W) to ``size``: a pixel is a hole when any hole pixel falls in it (area > 0),
-    so thin strokes survive downscaling; upscaling is nearest-neighbour."""
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    return F.interpolate(m, size=size, mode="area").gt(0).to(m.dtype)
-
-
-def paste_back(output: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Known pixels from ``image``, hole pixels (mask >= 0.5) from ``output``; exact (a select, no blending)."""
-    if output.shape != image.shape:
-        raise InputError(f"output: shape {tuple(output.shape)} differs from the image's {tuple(image.shape)}")
-    return torch.where(mask.to(image.device) >= MASK_THRESHOLD, output.to(image), image)
-
-
-_paste_back = paste_back  # run_inpainting's ``paste_back`` flag shadows the function's name
-
-
-# ------------------------------------------------------------------------------------------------ output
-def to_numpy_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (B,3,H,W) -> uint8 (B,H,W,3), or (3,H,W) -> (H,W,3); exact inverse of 8-bit loading."""
-    if x.ndim not in (3, 4) or x.shape[-3] != 3:
-        raise InputError(f"to_numpy_uint8: expected (3,H,W) or (B,3,H,W) images; got shape {tuple(x.shape)}")
-    return to_uint8(x).movedim(-3, -1).cpu().numpy()
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 tensor in [0, 255], same shape and device (clamped, rounded to nearest)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
     """Images in [-1, 1] -> RGB PIL: a list for (B,3,H,W), one image for (3,H,W)."""
     arr = to_numpy_uint8(x)
@@ -403,7 +329,7 @@ def run_inpainting(
     strategy picks the processed region; the region's longest side must be <= ``max_size``; it is resized to
     ``working_size`` (H, W) if given, padded to ``multiple``, inpainted, cropped and resized back, written into
     the full image; finally, with ``paste_back`` on (default), known pixels are pasted back exactly
-    (:func:`paste_back`); with it off, pixels outside the processed region are still the input's.
+    (:func:`asuka.tensors.paste_back`); with it off, pixels outside the processed region are still the input's.
     Returns (B,3,H,W) in [-1,1].
     """
     image, mask = prepare_inputs(image, mask)
@@ -445,8 +371,6 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 __all__: Sequence[str] = (
-    "MASK_THRESHOLD", "DEFAULT_MULTIPLE", "DEFAULT_MAX_SIZE", "InputError", "InputFileNotFoundError",
-    "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "pad_to_multiple",
-    "crop_padding", "resize_image", "resize_mask", "paste_back", "to_uint8", "to_numpy_uint8", "to_pil", "mask_to_pil",
-    "run_inpainting", "list_image_files",
+    "DEFAULT_MAX_SIZE", "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
+    "mask_to_pil", "run_inpainting", "list_image_files",
 )

@@ -5,7 +5,7 @@ A method joins with one decorator in its own module, which must be ``asuka/pipel
 (dashes in the name become underscores) so it is found and imported only when asked for::
 
     # asuka/pipelines/mymethod.py
-    from asuka.pipelines.registry import register_method
+    from asuka.pipelines._registry import register_method
 
     @register_method("mymethod", default_model=lambda: "org/weights", description="one line")
     def build(model: str, *, device: torch.device, dtype: torch.dtype) -> InpaintRunner:
@@ -16,7 +16,7 @@ pipeline one) and returns an :class:`InpaintRunner`:
 a callable ``runner(image (B,3,H,W) [-1,1], mask (B,1,H,W) {0,1}, *, generator, **options) -> (B,3,H,W) [-1,1]``
 with an attribute ``multiple`` (the size multiple it needs, 8 or 64). ``options`` are the method's own knobs
 (``num_inference_steps``, ``prompt``, ``guidance_scale``...); a runner rejects ones it does not know. Runners
-are driven through :func:`asuka.pipelines.common.run_inpainting`, which does the I/O, sizes and paste-back.
+are driven through :func:`asuka.pipelines._common.run_inpainting`, which does the I/O, sizes and paste-back.
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from asuka.pipelines.common import InputError
+from asuka.errors import InputError
 
 if TYPE_CHECKING:
     import torch
-
-_INFRASTRUCTURE = frozenset({"common", "registry", "hd"})  # modules of asuka.pipelines that register nothing
-
 
 class InpaintRunner(Protocol):
     """What a method's builder returns."""
@@ -80,32 +77,32 @@ class InpaintMethod:
 
         if model is None:
             if self.default_model is None:
-                raise InputError(f"--model: method {self.name!r} has no default weights; pass a folder or hub id")
+                raise InputError(f"method {self.name!r} has no default weights; pass a folder or hub id", "model")
             model = self.default_model()
         try:
             return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
         except InputError:
             raise
         except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
-            raise InputError(f"--model: cannot load {str(model)!r} as method {self.name!r}: "
-                             f"{' '.join(str(err).split())}") from err
+            raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {' '.join(str(err).split())}",
+                             "model") from err
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(model: str | Path, *, name: str = "--model") -> str:
+def resolve_model(model: str | Path, *, name: str = "model") -> str:
     """A local diffusers pipeline folder or a hub id (``org/name``), checked before diffusers sees it (for
     builders whose weights are a diffusers pipeline)."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise InputError(f"{name}: {path} is not a diffusers pipeline folder (no model_index.json); pass the "
-                             "folder written by save_pretrained or a hub id such as org/name")
+            raise InputError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder written "
+                             "by save_pretrained or a hub id such as org/name", name)
         return str(path)
     if isinstance(model, str) and _HUB_ID.match(model):
         return model
-    raise InputError(f"{name}: folder not found: {model} (pass an existing pipeline folder or a hub id org/name)")
+    raise InputError(f"folder not found: {model} (pass an existing pipeline folder or a hub id org/name)", name)
 
 
 def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **kwargs: Any) -> Any:
@@ -149,7 +146,7 @@ def get_method(name: str) -> InpaintMethod:
         if name.replace("-", "_").isidentifier() and importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
     if name not in _METHODS:
-        raise InputError(f"--method: unknown inference method {name!r}; available: {', '.join(available_methods())}")
+        raise InputError(f"unknown inference method {name!r}; available: {', '.join(available_methods())}", "method")
     return _METHODS[name]
 
 
@@ -158,7 +155,7 @@ def available_methods() -> list[str]:
     import asuka.pipelines as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
+        if not info.name.startswith("_"):  # _common, _registry, _hd...: infrastructure, not methods
             importlib.import_module(f"{package.__name__}.{info.name}")
     return sorted(_METHODS)
 
