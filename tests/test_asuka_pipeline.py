@@ -16,6 +16,7 @@ from skimage import data
 
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
+from asuka.pipelines._sampling import decode
 from asuka.pipelines.asuka import AsukaInpaintPipeline
 from asuka.errors import InputError
 
@@ -115,7 +116,7 @@ def test_oracle_bit_exact_with_asymmetric_decoder(sd, parts):
     latents = pipe(_photo(data.chelsea), _box_mask(), num_inference_steps=STEPS, output_type="latent",
                    generator=torch.Generator().manual_seed(0)).images
     plain = vae.decode(latents / vae.config.scaling_factor).sample
-    conditioned = pipe._decode(latents, _to_tensor(_photo(data.chelsea)), _mask_tensor(_box_mask()), None)
+    conditioned = decode(vae, latents, image=_to_tensor(_photo(data.chelsea)), mask=_mask_tensor(_box_mask()))
     assert not torch.allclose(plain, conditioned)
 
 

@@ -41,6 +41,7 @@ from asuka.models.seeding import seeded
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, unet_input
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
 
@@ -116,15 +117,6 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         features = self.mae.prior(image.to(device, mae_dtype), mask.to(device, mae_dtype), return_image=False).features
         return self.aligner(features).to(dtype=self.unet.dtype)
 
-    def _decode(self, latents: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
-                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        """diffusers' decode step: an AsymmetricAutoencoderKL gets the full image and the binary mask as condition."""
-        condition = {}
-        if isinstance(self.vae, AsymmetricAutoencoderKL):
-            condition = {"image": image.to(latents.device, latents.dtype), "mask": mask.to(latents.device, latents.dtype)}
-        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator,
-                               **condition)[0]
-
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -160,9 +152,7 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             callback_on_step_end: ``f(pipe, step, t, tensors) -> dict`` after each step; it may replace the tensors it
                 returns (names from ``callback_on_step_end_tensor_inputs``, a subset of ``_callback_tensor_inputs``).
         """
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise InputError(f"callback_on_step_end_tensor_inputs has {bad}; allowed: {self._callback_tensor_inputs}.")
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type={output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
         if num_inference_steps < 1:
@@ -202,25 +192,23 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([self.scheduler.scale_model_input(latents, t), mask, masked_image_latents], 1)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "mask": mask,
-                               "masked_image_latents": masked_image_latents}
-                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = out.pop("latents", latents)
-                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                    mask = out.pop("mask", mask)
-                    masked_image_latents = out.pop("masked_image_latents", masked_image_latents)
-                progress_bar.update()
+
+        def noise(step: Step, latents: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            model_input = unet_input(self.scheduler, latents, step.timestep, cfg=False,
+                                     extra_channels=(tensors["mask"], tensors["masked_image_latents"]))
+            return self.unet(model_input, step.timestep, encoder_hidden_states=tensors["prompt_embeds"],
+                             return_dict=False)[0]
+
+        latents = denoise(self, latents, timesteps, noise, extra_step_kwargs=extra_step_kwargs,
+                          tensors={"prompt_embeds": prompt_embeds, "mask": mask,
+                                   "masked_image_latents": masked_image_latents},
+                          callback_on_step_end=callback_on_step_end,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         if output_type == "latent":
             result = latents
         else:
-            decoded = self._decode(latents, init_image, mask_condition, generator)
+            decoded = decode(self.vae, latents, image=init_image, mask=mask_condition, generator=generator)
             if paste_back:
                 decoded = paste_known_pixels(decoded.float(), init_image.to(decoded.device), mask_condition.to(decoded.device))
             decoded = crop_padding(decoded, pad)
