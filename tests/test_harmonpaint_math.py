@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from asuka.pipelines.harmonpaint.makvs import makvs_applicable, makvs_attention, mask_adjusted
-from asuka.pipelines.harmonpaint.masks import level_sizes, resize_token_mask, soft_mask, token_mask_pyramid
-from asuka.pipelines.harmonpaint.sams import sams_attention
+from asuka.attention import LayerTable, TokenMasks, weighted_sdpa
+from asuka.pipelines.harmonpaint.makvs import makvs_applicable, makvs_bypass_bias, makvs_keys_values, mask_adjusted
+from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid, soft_mask
+from asuka.pipelines.harmonpaint.sams import sams_factors
 from asuka.pipelines.harmonpaint.schedule import plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask, steer_loss, steer_step_sizes
 
@@ -27,6 +28,19 @@ def _mask(seed=1, batch=B, n=N):
     m = (torch.rand(batch, n, generator=g) < 0.4).double()
     m[:, 0], m[:, 1] = 1.0, 0.0  # at least one hole and one known token per sample
     return m
+
+
+def sams_attention(q, k, v, m, tau, variant="obj_bg"):
+    """SAMS as the controlled processor evaluates it: the low-rank weight through weighted_sdpa."""
+    rows, cols = sams_factors(m, tau, variant)
+    return weighted_sdpa(q, k, v, (rows[:, None], cols[:, None]), None, None)
+
+
+def makvs_attention(q, k, v, m, lam, mode="concat", applicable=None):
+    """MAKVS as the controlled processor evaluates it: edited keys/values (and bypass bias) through SDPA."""
+    keys, values = makvs_keys_values(k, v, m, lam, mode, applicable)
+    bias = makvs_bypass_bias(applicable, N) if applicable is not None and mode == "concat" else None
+    return weighted_sdpa(q, keys, values, None, bias, None)
 
 
 def _softmax_map(q, k):
@@ -167,6 +181,22 @@ def test_makvs_applicable_flags_empty_and_full_masks():
     assert makvs_applicable(m).tolist() == [False, False, True]
 
 
+@pytest.mark.parametrize("mode", ["concat", "naive"])
+@pytest.mark.parametrize("bypassed", ["empty", "full"])
+def test_makvs_bypasses_samples_without_hole_or_known_tokens(mode, bypassed):  # T8 / T9 per sample
+    q, k, v = _qkv(batch=3)
+    m = _mask(batch=3)
+    m[1] = 0.0 if bypassed == "empty" else 1.0
+    applicable = makvs_applicable(m)
+    assert applicable.tolist() == [True, False, True]
+    out = makvs_attention(q, k, v, m, 1.4, mode, applicable)
+    torch.testing.assert_close(out[1], torch.nn.functional.scaled_dot_product_attention(q[1], k[1], v[1]))
+    for b in (0, 2):
+        torch.testing.assert_close(out[b:b + 1], makvs_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], m[b:b + 1],
+                                                                 1.4, mode))
+    assert torch.isfinite(out).all()
+
+
 # ---------------------------------------------------------------- batch independence, permutation
 
 
@@ -207,38 +237,40 @@ def test_soft_mask_is_eq_7():
 def test_aligned_block_mask_pyramid_is_exact():  # T11
     latent = torch.zeros(1, 1, 16, 16)
     latent[..., 0:8, 8:16] = 1.0  # aligned to every level down to 2x2
-    pyramid = token_mask_pyramid(latent)
-    assert sorted(pyramid) == [4, 16, 64, 256]
-    counts = [int(pyramid[n].sum()) for n in (256, 64, 16, 4)]
-    assert counts == [64, 16, 4, 1]
-    for side in (16, 8, 4, 2):
-        expected = torch.zeros(side, side)
-        expected[: side // 2, side // 2:] = 1.0
-        for mode in ("area", "nearest", "maxpool"):
-            torch.testing.assert_close(resize_token_mask(latent, (side, side), mode), expected.flatten()[None])
+    for mode in ("area", "nearest", "maxpool"):
+        masks = TokenMasks(latent, resize=lambda m, size: resize_mask_to_grid(m, size, mode))
+        assert [int(masks.at((s, s)).sum()) for s in (16, 8, 4, 2)] == [64, 16, 4, 1]
+        for side in (16, 8, 4, 2):
+            expected = torch.zeros(side, side)
+            expected[: side // 2, side // 2:] = 1.0
+            torch.testing.assert_close(masks.at((side, side)), expected.flatten()[None])
 
 
-def test_odd_latent_sizes_follow_the_unet_levels():  # T11
+def test_odd_latent_sizes_follow_the_unet_grids():  # T11
     from asuka.models.tiny import tiny_unet
 
-    assert level_sizes(15, 17) == [(15, 17), (8, 9), (4, 5), (2, 3)]
     unet = tiny_unet()
+    grids = sorted({layer.grid((15, 17)) for layer in LayerTable(unet)}, reverse=True)
+    assert grids == [(15, 17), (8, 9), (4, 5), (2, 3)]
     seen = set()
-    hooks = [mod.register_forward_hook(lambda mod, args, out: seen.add(args[0].shape[1]))
-             for name, mod in unet.named_modules() if name.endswith("attn1")]
-    latent = torch.zeros(1, 1, 15, 17)
+    hooks = [layer.module.register_forward_hook(lambda mod, args, out: seen.add(args[0].shape[1]))
+             for layer in LayerTable(unet).select(kind="self")]
     with torch.no_grad():
         unet(torch.zeros(1, 9, 15, 17), 10, encoder_hidden_states=torch.zeros(1, 3, 32))
     for hook in hooks:
         hook.remove()
-    assert seen <= set(token_mask_pyramid(latent)) and len(seen) == 4
+    masks = TokenMasks(torch.ones(1, 1, 15, 17), resize=resize_mask_to_grid)
+    assert seen == {masks.at(grid).shape[1] for grid in grids}
 
 
 def test_maxpool_marks_any_covered_token():
     latent = torch.zeros(1, 1, 4, 4)
     latent[..., 0, 0] = 1.0
-    assert resize_token_mask(latent, (2, 2), "maxpool").tolist() == [[1.0, 0.0, 0.0, 0.0]]
-    assert resize_token_mask(latent, (2, 2), "area").tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    assert resize_mask_to_grid(latent, (2, 2), "maxpool").flatten(1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert resize_mask_to_grid(latent, (2, 2), "area").flatten(1).tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    assert resize_mask_to_grid(latent, (2, 2), "nearest").flatten(1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="mask_resize"):
+        resize_mask_to_grid(latent, (2, 2), "bicubic")
 
 
 # ---------------------------------------------------------------- steer loss
@@ -359,3 +391,22 @@ def test_attention_pca_separates_block_structured_maps(tmp_path):
     assert maps.amax((1, 2)).tolist() == [1.0, 1.0]
     path = save_png(image, tmp_path / "pca.png", scale=2)
     assert Image.open(path).size == (8, 8) and Image.open(save_png(maps[:1], tmp_path / "m.png")).mode == "L"
+
+
+def test_steer_loss_ae_gradient_is_finite_for_a_sample_without_prompt_tokens():
+    probs = torch.softmax(torch.randn(2, 4, 6), -1).requires_grad_(True)
+    prompt = torch.tensor([[0.0, 1, 1, 0, 0, 0], [0.0, 0, 0, 0, 0, 0]])
+    loss = steer_loss({4: probs}, {4: torch.tensor([[1.0, 0, 0, 0]] * 2)}, prompt, normalize="ae",
+                      prompt_tokens=prompt)
+    loss.sum().backward()
+    assert loss[1].item() == 0.0 and torch.isfinite(probs.grad).all()
+
+
+def test_unknown_variants_are_rejected():
+    m = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="sams_variant"):
+        sams_factors(m, 0.1, "all")
+    with pytest.raises(ValueError, match="makvs_mode"):
+        makvs_keys_values(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), m, 1.4, "mean")
+    with pytest.raises(ValueError, match="steer_normalize"):
+        steer_loss({4: torch.zeros(1, 4, 2)}, {4: m}, torch.ones(1, 2), normalize="geo")

@@ -70,7 +70,8 @@ def steer_loss(maps: Mapping[int, torch.Tensor], masks: Mapping[int, torch.Tenso
     for n, probs in maps.items():
         probs = probs.float()
         if normalize == "ae":
-            keep = prompt_tokens.to(torch.bool)[:, None, :]
+            keep = prompt_tokens.to(torch.bool)
+            keep = (keep | ~keep.any(-1, keepdim=True))[:, None, :]  # no prompt token: nothing is steered anyway
             probs = torch.softmax((AE_SOFTMAX_SCALE * probs).masked_fill(~keep, float("-inf")), dim=-1)
             probs = probs.masked_fill(~keep, 0.0)
         mask = masks[n].float()
