@@ -59,7 +59,8 @@ def steer_loss(maps: Mapping[int, torch.Tensor], masks: Mapping[int, torch.Tenso
                eps: float = 1e-6) -> torch.Tensor:
     """Eq. 9 per sample, (B,) float32, summed over the resolutions of ``maps``.
 
-    ``maps[N]``: (B, N, L) cross-attention probabilities; ``masks[N]``: (B or 1, N) binary, 1 = hole;
+    ``maps[key]``: (B, N, L) cross-attention probabilities at one resolution; ``masks[key]``: (B or 1, N) binary,
+    1 = hole (any key, e.g. the token grid);
     ``token_weights``: (B, L), 1 for the steered tokens. ``normalize="ae"`` needs ``prompt_tokens`` (B, L), the
     slots the re-softmax runs over.
     """
@@ -67,18 +68,18 @@ def steer_loss(maps: Mapping[int, torch.Tensor], masks: Mapping[int, torch.Tenso
         raise ValueError(f"steer_normalize must be one of {STEER_NORMALIZE}, got {normalize!r}")
     weights = token_weights.float()
     total = 0.0
-    for n, probs in maps.items():
+    for key, probs in maps.items():
         probs = probs.float()
         if normalize == "ae":
             keep = prompt_tokens.to(torch.bool)
             keep = (keep | ~keep.any(-1, keepdim=True))[:, None, :]  # no prompt token: nothing is steered anyway
             probs = torch.softmax((AE_SOFTMAX_SCALE * probs).masked_fill(~keep, float("-inf")), dim=-1)
             probs = probs.masked_fill(~keep, 0.0)
-        mask = masks[n].float()
+        mask = masks[key].float()
         masked = probs * mask[:, :, None]                                      # Eq. 8, (B, N, L)
         log_prod = torch.log1p(-masked.clamp(max=1.0 - eps)).sum(dim=1)       # log prod_j (1 - A^_ij), (B, L)
         if normalize == "ae":
-            log_prod = log_prod / n
+            log_prod = log_prod / probs.shape[1]
         per_token = -torch.log((-torch.expm1(log_prod)).clamp(min=eps))      # Eq. 9 terms, (B, L)
         has_hole = (mask > 0.5).any(dim=-1).float()                            # an empty level is skipped
         total = total + has_hole * (weights * per_token).sum(dim=-1)
