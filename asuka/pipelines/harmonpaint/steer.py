@@ -26,6 +26,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from asuka.attention.functional import score_dtype
+
 STEER_NORMALIZE = ("none", "ae")
 AE_SOFTMAX_SCALE = 100.0  # Attend-and-Excite's re-softmax temperature
 
@@ -57,7 +59,7 @@ def prompt_token_mask(lengths: Sequence[int], num_tokens: int,
 def steer_loss(maps: Mapping[int, torch.Tensor], masks: Mapping[int, torch.Tensor], token_weights: torch.Tensor,
                *, normalize: str = "none", prompt_tokens: torch.Tensor | None = None,
                eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 9 per sample, (B,) float32, summed over the resolutions of ``maps``.
+    """Eq. 9 per sample, (B,) in float32 (float64 for float64 maps), summed over the resolutions of ``maps``.
 
     ``maps[key]``: (B, N, L) cross-attention probabilities at one resolution; ``masks[key]``: (B or 1, N) binary,
     1 = hole (any key, e.g. the token grid);
@@ -66,21 +68,21 @@ def steer_loss(maps: Mapping[int, torch.Tensor], masks: Mapping[int, torch.Tenso
     """
     if normalize not in STEER_NORMALIZE:
         raise ValueError(f"steer_normalize must be one of {STEER_NORMALIZE}, got {normalize!r}")
-    weights = token_weights.float()
     total = 0.0
     for key, probs in maps.items():
-        probs = probs.float()
+        probs = probs.to(score_dtype(probs.dtype))  # float32 (float64 stays float64)
+        weights = token_weights.to(probs.dtype)
         if normalize == "ae":
             keep = prompt_tokens.to(torch.bool)
             keep = (keep | ~keep.any(-1, keepdim=True))[:, None, :]  # no prompt token: nothing is steered anyway
             probs = torch.softmax((AE_SOFTMAX_SCALE * probs).masked_fill(~keep, float("-inf")), dim=-1)
             probs = probs.masked_fill(~keep, 0.0)
-        mask = masks[key].float()
+        mask = masks[key].to(probs.dtype)
         masked = probs * mask[:, :, None]                                      # Eq. 8, (B, N, L)
         log_prod = torch.log1p(-masked.clamp(max=1.0 - eps)).sum(dim=1)       # log prod_j (1 - A^_ij), (B, L)
         if normalize == "ae":
             log_prod = log_prod / probs.shape[1]
         per_token = -torch.log((-torch.expm1(log_prod)).clamp(min=eps))      # Eq. 9 terms, (B, L)
-        has_hole = (mask > 0.5).any(dim=-1).float()                            # an empty level is skipped
+        has_hole = (mask > 0.5).any(dim=-1).to(probs.dtype)                            # an empty level is skipped
         total = total + has_hole * (weights * per_token).sum(dim=-1)
     return total
