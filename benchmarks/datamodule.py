@@ -22,9 +22,9 @@ from trainers.datamodule import InpaintingDataModule
 
 def measure(shards, *, resolution: int, batch_size: int, workers: int, batches: int, recipe: str,
             sample_root: str, device_transform: bool) -> float:
-    warmup = 3  # start workers, fill shuffle buffers
+    warmup = 3  # start workers, index shards
     dm = InpaintingDataModule(train_shards=shards, resolution=resolution, batch_size=batch_size, num_workers=workers,
-                              mask_recipe=recipe, epoch_batches=batches + warmup, shuffle_buffer=200,
+                              mask_recipe=recipe, epoch_batches=batches + warmup,
                               sample_root=sample_root, device_transform=device_transform)
     dm.setup("fit")
     it = iter(dm.train_dataloader())

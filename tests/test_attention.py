@@ -16,6 +16,7 @@ from asuka.attention import (
     ControlledAttnProcessor,
     LayerTable,
     Read,
+    RowBias,
     TokenMasks,
 )
 from asuka.models.tiny import tiny_unet
@@ -457,3 +458,63 @@ def test_block_input_and_original_output_reach_the_control(unet):
     assert block_input is seen["x"] and block_ctx is seen["ctx"]
     assert torch.equal(original, out)  # no edit: the SDPA path equals the original processor bit for bit
     assert probe.processor.block_input is None and probe.processor.block_encoder_hidden_states is None  # not kept
+
+
+class TargetRowMask(Gate):
+    """CorrFill-like: −inf / boost on some query rows of the cond half only, as a RowBias."""
+
+    def __init__(self, rows, bias):
+        self.rows, self.bias = rows, bias
+
+    def row_bias(self, call):
+        return RowBias(self.rows, self.bias, batch=call.cond)
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_row_bias_matches_dense_reference(unet, with_weight, dense):
+    layer = LayerTable(unet).by_name(LEVEL1_SELF)
+    masks = TokenMasks(_hole_masks())
+    rows = torch.tensor([1, 4, 7, 20])
+    g = torch.Generator().manual_seed(5)
+    row_values = torch.where(torch.rand(2, 1, 4, 24, generator=g) < 0.3, float("-inf"), torch.randn(2, 1, 4, 24, generator=g))
+    row_values[..., 0] = 0.0  # every row keeps a finite key
+    controls = [TargetRowMask(rows, row_values)]
+    c = torch.linspace(0.5, 1.5, 24)
+    if with_weight:
+        controls.append(RankTwoWeight(masks, tau=0.2))
+    if dense:
+        controls.append(ColumnFactor(masks, c))
+    x, _, out = _capture(unet, layer, controls, *_inputs())
+    bias = torch.zeros(4, 24, 24)
+    bias[2:, rows] = row_values[:, 0]
+    m = _mask_rows(layer.grid(LATENT), masks)
+    weight = _sams_weight(m, 0.2) if with_weight else None
+    factor = torch.where((m[:, :, None] > 0.5) & (m[:, None, :] < 0.5), c.view(1, 1, -1), torch.ones(())) if dense else None
+    ref = _dense(layer.module, x, None, factor=factor, bias=bias, weight=weight)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_gradient_reads_head_mean_equal_direct_autograd(unet):
+    """Head-mean probs read with a graph (heads recomputed in backward) give the plain autograd gradient."""
+    layer = LayerTable(unet).by_name(LEVEL1_SELF)
+    controller = AttentionController(unet)
+    store = controller.add(AttentionStore(Read("probs", batch="cond", heads="mean", grad=True)), layer)
+    seen = {}
+    handle = layer.module.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0]), with_kwargs=True)
+    sample, text = _inputs(batch=2)
+    weights = torch.randn(1, 24, 24, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.enable_grad(), controller:
+            controller.state.cfg = True
+            z = sample.clone().requires_grad_(True)
+            _run(unet, z, text)
+            (grad,) = torch.autograd.grad((store.maps[0] * weights).sum(), z, retain_graph=True)
+            q, k, _ = _qkv(layer.module, seen["x"], None)
+            direct = (q[1:] @ k[1:].transpose(-1, -2) * layer.module.scale).softmax(-1).mean(1)
+            torch.testing.assert_close(store.maps[0], direct, atol=1e-6, rtol=0)
+            (ref,) = torch.autograd.grad((direct * weights).sum(), z)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-5)
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0  # only the cond sample carries the gradient

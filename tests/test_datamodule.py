@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from asuka.data.pipeline import PartitionedResampledShards, StreamState, random_resized_crop_box
+from asuka.data.pipeline import DataStreamError, random_resized_crop_box, rank_shards
 from asuka.data.samples import ensure_sample_shards
 from asuka.data.shards import encode_image, write_shards
 from trainers.datamodule import InpaintingDataModule
@@ -22,8 +22,7 @@ def sample(tmp_path_factory):
 
 
 def _dm(train, val=None, **kw):
-    kw = {"resolution": 32, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "shuffle_initial": 4,
-          "epoch_batches": 3, **kw}
+    kw = {"resolution": 32, "batch_size": 4, "num_workers": 0, "epoch_batches": 3, **kw}
     dm = InpaintingDataModule(train_shards=train, val_shards=val, **kw)
     dm.setup("fit")
     return dm
@@ -72,9 +71,7 @@ def test_default_is_the_bundled_sample_set(tmp_path):
 
 def test_two_rank_split_is_disjoint_with_equal_batch_counts(sample, monkeypatch):
     shard_of = _shard_of_key(sample["train"])
-    state = StreamState()
-    source = PartitionedResampledShards(sample["train"], state)
-    slices = [set(source.slice_for(r, 2, w, 2)) for r in range(2) for w in range(2)]
+    slices = [set(rank_shards(sample["train"], r, 2)) for r in range(2)]
     assert all(len(s) >= 1 for s in slices)
     assert sum(len(s) for s in slices) == len(sample["train"]) and len(set().union(*slices)) == len(sample["train"])
 
@@ -103,10 +100,15 @@ def test_epochs_differ_and_runs_repeat(sample):
     assert not torch.equal(a[0], c[0])  # another seed, another stream
 
 
-def test_persistent_workers_draw_new_masks_every_epoch(sample):
-    loader = _dm(sample["train"], num_workers=1, persistent_workers=True).train_dataloader()
-    epochs = [torch.cat([b["mask"] for b in loader]) for _ in range(2)]
-    assert not torch.equal(epochs[0], epochs[1])
+def test_workers_do_not_change_the_stream(sample):
+    def epochs(num_workers):
+        loader = _dm(sample["train"], num_workers=num_workers).train_dataloader()
+        return [b for _ in range(2) for b in loader]
+
+    alone, with_workers = epochs(0), epochs(2)
+    assert [b["position"] for b in with_workers] == list(range(6))
+    for a, b in zip(alone, with_workers):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
 def test_validation_is_fixed(sample):
@@ -159,10 +161,10 @@ def test_mostly_failing_stream_stops_with_clear_error(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     not_a_tar = tmp_path / "junk-000000.tar"
     not_a_tar.write_bytes(b"junk" * 100)
-    for paths in ([str(bad)], [str(not_a_tar)]):
-        dm = _dm(paths)
-        with pytest.raises(RuntimeError, match="max_failure_ratio"):
-            next(iter(dm.train_dataloader()))
+    with pytest.raises(DataStreamError, match="max_failure_ratio"):
+        next(iter(_dm([str(bad)]).train_dataloader()))
+    with pytest.raises(DataStreamError, match="no training sample can be read.*junk-000000.tar"):
+        _dm([str(not_a_tar)]).train_dataloader()
 
 
 def test_paired_fields_share_crop_and_flip(tmp_path):
@@ -233,7 +235,7 @@ def test_lightning_fit_uses_equal_epochs_and_counts_skips(sample):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm = InpaintingDataModule(train_shards=sample["train"], val_shards=sample["val"], resolution=32, batch_size=2,
-                              num_workers=0, epoch_batches=3, shuffle_buffer=4, device_transform=True)
+                              num_workers=0, epoch_batches=3, device_transform=True)
     model = Probe()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,50 @@ def test_fid_matches_torch_fidelity_including_rank_deficient(n, m, d):
     assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-6)  # eigvals of a singular product: ~1e-8 noise
 
 
+@pytest.mark.parametrize("n,m,d", [(300, 260, 16), (40, 70, 24)])
+def test_fid_large_sets_use_the_covariance_form_and_equal_torch_fidelity(n, m, d):
+    """N > D takes the D×D path (memory O(D²)); same value as torch-fidelity and as the N×M product form."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    from asuka.metrics.fid import trace_sqrt_product
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, d, generator=g) * 2 + 0.5
+    b = torch.randn(m, d, generator=g) @ torch.randn(d, d, generator=g) * 0.5
+    stats = [{"mu": x.double().numpy().mean(0), "sigma": np.cov(x.double().numpy(), rowvar=False)} for x in (a, b)]
+    ref = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-8)
+    # the product form on the same data (forced by widening the features with zero columns: same statistics)
+    pad = max(n, m) - d
+    wide = [torch.nn.functional.pad(x, (0, pad)) for x in (a, b)]
+    assert fid_from_features(*wide) == pytest.approx(ref, rel=1e-7)
+    ca, cb = (torch.from_numpy(s["sigma"]) for s in stats)
+    product = ca @ cb
+    assert float(trace_sqrt_product(ca, cb)) == pytest.approx(
+        float(torch.linalg.eigvals(product).real.clamp(min=0).sqrt().sum()), rel=1e-8)
+
+
+def test_kid_options_reach_the_estimator():
+    """Non-default kernel options change the value and equal the hand-computed unbiased MMD² with that kernel."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(25, 8, generator=g), torch.randn(25, 8, generator=g) * 1.3 + 0.2
+    xn, yn = x.double().numpy(), y.double().numpy()
+    n = 25
+
+    def mmd(k):
+        kxx, kyy, kxy = k(xn, xn), k(yn, yn), k(xn, yn)
+        return (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+
+    poly = kid_from_features(x, y, subsets=2, degree=2, gamma=0.5, coef0=0.25)["kid_mean"]
+    assert poly == pytest.approx(mmd(lambda a, b: (0.5 * a @ b.T + 0.25) ** 2), rel=1e-9)
+    assert poly != pytest.approx(kid_from_features(x, y, subsets=2)["kid_mean"], rel=1e-3)
+    rbf = kid_from_features(x, y, subsets=2, kernel="rbf", rbf_sigma=3.0)["kid_mean"]
+    sq = lambda a, b: (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T  # noqa: E731
+    assert rbf == pytest.approx(mmd(lambda a, b: np.exp(-sq(a, b) / (2 * 3.0 ** 2))), rel=1e-7)
+    with pytest.raises(ValueError, match="kernel"):
+        kid_from_features(x, y, kernel="linear")
+
+
 def test_kid_matches_hand_computed_unbiased_mmd():
     """With subset size = N every subset is the full set: KID = unbiased MMD² with k = (x·y/d + 1)³."""
     g = torch.Generator().manual_seed(0)
@@ -151,6 +197,21 @@ def test_ids_separable_identical_and_pca():
     assert inception_discriminative_scores(real, fake, pca_dim=2)["u_ids"] == 0.0
     with pytest.raises(ValueError, match="paired"):
         inception_discriminative_scores(real, fake[:10])
+
+
+def test_ids_group_rule_marks_degenerate_groups():
+    """Same-distribution features are always separable below the rule's size (U = P = 0), not above it."""
+    from asuka.metrics import ids_min_pairs
+
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    assert ids_min_pairs(d) == 4 * (d + 1)
+    half = (d + 1) // 2  # 2N <= D + 1 points: any labeling is separable
+    small = inception_discriminative_scores(torch.randn(half, d, generator=g), torch.randn(half, d, generator=g))
+    assert small == {"u_ids": 0.0, "p_ids": 0.0}
+    n = ids_min_pairs(d)
+    large = inception_discriminative_scores(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g))
+    assert large["u_ids"] > 0.25 and large["p_ids"] > 0.1
 
 
 def test_p_ids_counts_pairs_where_fake_scores_higher():
@@ -218,6 +279,30 @@ def test_lpips_rejects_wrong_backbone_file(tmp_path):
     torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)
     with pytest.raises((KeyError, RuntimeError), match="lpips-weights.*missing|size mismatch"):
         LPIPS("alex", path)
+
+
+def test_lpips_heads_are_checked_strictly(tmp_path):
+    """lpips loads head files with strict=False; ours names missing, unexpected and mis-shaped keys."""
+    import lpips as lpips_lib
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
+    shipped = Path(lpips_lib.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    heads = torch.load(shipped, weights_only=True, map_location="cpu")
+    a, b = _pair(3)
+    torch.testing.assert_close(LPIPS("alex", backbone, linear_weights=shipped)(a, b), LPIPS("alex", backbone)(a, b))
+    scaled = {k: v * 2 for k, v in heads.items()}
+    torch.save(scaled, tmp_path / "scaled.pth")
+    torch.testing.assert_close(LPIPS("alex", backbone, linear_weights=tmp_path / "scaled.pth")(a, b),
+                               2 * LPIPS("alex", backbone)(a, b))
+    vgg_heads = torch.load(shipped.with_name("vgg.pth"), weights_only=True, map_location="cpu")
+    torch.save(vgg_heads, tmp_path / "vgg_heads.pth")
+    with pytest.raises(ValueError, match="not LPIPS v0.1 heads.*wrong shape"):
+        LPIPS("alex", backbone, linear_weights=tmp_path / "vgg_heads.pth")
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="missing.*lin0.*unexpected.*foo"):
+        LPIPS("alex", backbone, linear_weights=tmp_path / "junk.pth")
 
 
 # ---------------------------------------------------------------- CLIP score

@@ -93,12 +93,12 @@ def test_make_shards_cli(tmp_path, capsys):
     assert manifest["splits"]["val"]["samples"] == 2 and manifest["splits"]["train"]["samples"] == 4
 
 
-def test_make_shards_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--images"):
-        make_shards_main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+def test_make_shards_errors(tmp_path, capsys):
+    assert make_shards_main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "error: --images folder not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
-        make_shards_main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert make_shards_main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "error: no images" in capsys.readouterr().err
 
 
 def _build(root, queue):

@@ -69,7 +69,7 @@ def _run(tmp_path, max_steps, every, *extra, ckpt_path=None):
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    n = 3  # one epoch: map-style loaders restart their epoch on resume (streaming data: "resume = fresh stream")
+    n = 3  # one epoch of this map-style loader (the streaming datamodule resumes mid-epoch: test_reliability_training)
     full, full_module, full_ema = _run(tmp_path / "full", 2 * n, n)
     first, _, _ = _run(tmp_path / "resumed", 2 * n, n, CrashAt(n))
     assert sorted(first) == list(range(1, n + 1))

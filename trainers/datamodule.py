@@ -5,11 +5,13 @@ Batches are dicts: ``image`` (B,3,H,W) in [-1,1], ``mask`` (B,1,H,W) with 1 = ho
 worker skipped since its previous batch) and, per entry of ``paired_image_keys``, one more image
 tensor with the identical crop and flip plus a ``<name>_present`` bool (B,) vector.
 
-Training streams forever from resampled shards split by rank and worker (:mod:`asuka.data.pipeline`);
-``epoch_batches`` is applied with ``with_epoch`` on the ``WebLoader``, so every rank yields exactly
-that many batches per epoch and DDP never waits on a rank with fewer shards. Masks and crops are
-seeded per rank, per worker and per epoch from ``seed``. Resuming restores weights and optimizer,
-not the stream position ("resume = fresh stream").
+Training draws samples with replacement from this rank's disjoint slice of the shards (:mod:`asuka.data.pipeline`);
+every batch, with its samples, crops and masks, is a pure function of ``seed``, the rank and the batch's position in
+the run. Every rank yields exactly ``epoch_batches`` batches per epoch, so DDP never waits on a rank with fewer
+shards. The position is saved in every checkpoint (the training loader's ``state_dict``), so a resumed run — after
+``kill -9`` at any step, or a SLURM requeue — continues the stream exactly where the checkpoint was taken: the same
+batches as the run that was never interrupted, and nothing trained on twice. Training shards must be local,
+uncompressed tar files (they are indexed for direct access).
 
 Validation reads ``val_shards`` once, in order, with centre crops and masks seeded by the sample
 key: the same images and masks on every run, every rank (the set is meant to be small).
@@ -33,7 +35,7 @@ import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
 
-from asuka.data.pipeline import finish_batch, train_pipeline, val_pipeline
+from asuka.data.pipeline import ResumableLoader, TrainStream, TrainTransform, finish_batch, val_pipeline
 from asuka.data.samples import ensure_sample_shards
 from asuka.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME, manifest_shards
 from asuka.masks import get_mask_generator
@@ -44,9 +46,10 @@ __all__ = ["InpaintingDataModule", "resolve_shards"]
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://")
 
 
-def resolve_shards(spec: list[str] | str, *, split: str, name: str) -> list[str]:
+def resolve_shards(spec: list[str] | str, *, split: str, name: str, local: bool = False) -> list[str]:
     """Expand a shard spec: a list of paths/URLs, a brace pattern (``train-{000000..000099}.tar``),
-    or a folder holding a ``manifest.json`` (its ``split`` shards). Local files must exist."""
+    or a folder holding a ``manifest.json`` (its ``split`` shards). Local files must exist; ``local``: URLs
+    (``pipe:``, ``s3://``, ...) are refused."""
     if isinstance(spec, (str, Path)):
         spec = str(spec)
         if os.path.isdir(spec):
@@ -59,6 +62,10 @@ def resolve_shards(spec: list[str] | str, *, split: str, name: str) -> list[str]
         urls = [u for s in spec for u in wds.shardlists.expand_urls(str(s))]
     if not urls:
         raise ValueError(f"{name} is empty; pass at least one shard")
+    remote = [u for u in urls if u.startswith(_REMOTE_PREFIXES)]
+    if local and remote:
+        raise ValueError(f"{name} must be local tar files (they are indexed so that a resumed run continues the exact "
+                         f"stream); got {remote[0]!r}: mount or copy the shards")
     missing = [u for u in urls if not u.startswith(_REMOTE_PREFIXES) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[:3]}")
@@ -83,20 +90,20 @@ class InpaintingDataModule(LightningDataModule):
             PNGs, shape-bank ``.npz``); None = the bundled demo shapes.
         crop_scale / crop_ratio: random-resized-crop area and aspect ranges (MAE-FAR: (0.2, 1.0)).
         hflip: horizontal-flip probability.
-        shuffle_buffer / shuffle_initial: sample shuffle buffer per worker.
-        epoch_batches: batches per epoch on every rank (``with_epoch`` on the loader).
+        epoch_batches: batches per epoch on every rank.
         val_samples: cap on validation samples (None = all).
-        seed: base seed of shard choice, shuffling, crops and masks (and of the validation masks).
+        seed: base seed of sample choice, crops and masks (and of the validation masks).
         image_keys: sample fields tried, in order, for the image.
         paired_image_keys: ``{sample field: batch name}``, e.g. ``{"aug.png": "aug_image"}``: extra
             images stored in the same sample that get the same crop and flip as ``image``.
         paired_missing: ``"image"`` (a sample without the field uses its own image, ``<name>_present``
             False) or ``"skip"`` (such samples are skipped as corrupt).
         max_failure_ratio: the stream stops with an error when more than this share of (at least
-            20) attempts fail.
+            20) attempts fail. Empty or unreadable training shards are skipped with a warning (counted in
+            ``failing_shards``); when no shard holds a sample, training stops at once with a clear error.
         sample_root: where the bundled sample set is built (default ``~/.cache/asuka``).
-        pin_memory: DataLoader ``pin_memory`` (None = when CUDA is available); ``persistent_workers``
-            likewise.
+        pin_memory: DataLoader ``pin_memory`` (None = when CUDA is available). ``persistent_workers``: keep
+            the validation workers between validations (the training workers run across epochs anyway).
         device_transform: False: the loaders yield the canonical float batches (converted from the
             workers' uint8 batches in the main process). True: they yield compact uint8 batches
             (``image`` uint8, ``mask`` uint8, no ``masked_image``) and the conversion runs on the
@@ -121,8 +128,6 @@ class InpaintingDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        shuffle_buffer: int = 1000,
-        shuffle_initial: int = 100,
         epoch_batches: int = 1000,
         val_samples: int | None = None,
         seed: int = 0,
@@ -160,7 +165,6 @@ class InpaintingDataModule(LightningDataModule):
         self.val_mask_options = dict(val_mask_options if val_mask_options is not None else self.mask_options)
         self.object_masks = object_masks
         self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), hflip
-        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.epoch_batches, self.val_samples, self.seed = epoch_batches, val_samples, seed
         self.image_keys = tuple(image_keys or IMAGE_EXTENSIONS)
         self.paired_image_keys = dict(paired_image_keys or {})
@@ -169,8 +173,10 @@ class InpaintingDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.device_transform = device_transform
         self.skipped_samples = 0
-        self._train_loaders_built = 0  # a rebuilt loader (reload_dataloaders_every_n_epochs) gets new seeds
+        self.failing_shards = 0
         self._train_urls: list[str] | None = None
+        self._train_stream: TrainStream | None = None
+        self._train_loader: ResumableLoader | None = None
         self._val_urls: list[str] = []
 
     # ------------------------------------------------------------------------------ setup
@@ -193,7 +199,7 @@ class InpaintingDataModule(LightningDataModule):
             self._val_urls = sample["val"] if self.val_shards is None else resolve_shards(
                 self.val_shards, split="val", name="val_shards")
         else:
-            self._train_urls = resolve_shards(self.train_shards, split="train", name="train_shards")
+            self._train_urls = resolve_shards(self.train_shards, split="train", name="train_shards", local=True)
             self._val_urls = [] if self.val_shards is None else resolve_shards(
                 self.val_shards, split="val", name="val_shards")
         self._train_masks = self._mask_generator(self.mask_recipe, self.mask_options)
@@ -204,12 +210,6 @@ class InpaintingDataModule(LightningDataModule):
                                                                               self.val_mask_options)
 
     # ------------------------------------------------------------------------- dataloaders
-    def _loader(self, pipeline, num_workers: int, seed: int) -> wds.WebLoader:
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=self.persistent_workers and num_workers > 0,
-                               generator=torch.Generator().manual_seed(seed))
-        return loader if self.device_transform else loader.map(finish_batch)
-
     def _rank_world(self) -> dict:
         """The trainer's global rank and world size when attached (else env / torch.distributed)."""
         trainer = getattr(self, "trainer", None)
@@ -217,17 +217,25 @@ class InpaintingDataModule(LightningDataModule):
             return {"rank": trainer.global_rank, "world_size": trainer.world_size}
         return {}
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """The training loader; it starts at the current epoch of an attached trainer (Lightning then restores the
+        exact position of a mid-epoch checkpoint through the loader's ``load_state_dict``)."""
         self.setup("fit")
-        pipeline = train_pipeline(
-            self._train_urls, resolution=self.resolution, batch_size=self.batch_size, mask_generator=self._train_masks,
-            seed=self.seed, shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
-            scale=self.crop_scale, ratio=self.crop_ratio, hflip=self.hflip, image_keys=self.image_keys,
-            paired=self.paired_image_keys, paired_missing=self.paired_missing, max_failure_ratio=self.max_failure_ratio,
-            **self._rank_world())
-        loader = self._loader(pipeline, self.num_workers, self.seed * 1_000_003 + self._train_loaders_built)
-        self._train_loaders_built += 1
-        return loader.with_epoch(self.epoch_batches).with_length(self.epoch_batches, silent=True)
+        if self._train_stream is None:  # indexes the shards once
+            transform = TrainTransform(
+                resolution=self.resolution, mask_generator=self._train_masks, image_keys=self.image_keys,
+                paired=self.paired_image_keys, paired_missing=self.paired_missing, scale=self.crop_scale,
+                ratio=self.crop_ratio, hflip=self.hflip)
+            self._train_stream = TrainStream(
+                self._train_urls, transform=transform, batch_size=self.batch_size, seed=self.seed,
+                max_failure_ratio=self.max_failure_ratio, **self._rank_world())
+            self.failing_shards = self._train_stream.failing_shards
+        trainer = getattr(self, "trainer", None)
+        start = trainer.current_epoch * self.epoch_batches if trainer is not None else 0
+        self._train_loader = ResumableLoader(
+            self._train_stream, epoch_batches=self.epoch_batches, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, transform=None if self.device_transform else finish_batch, start=start)
+        return self._train_loader
 
     def val_dataloader(self) -> wds.WebLoader | list:
         self.setup("validate")
@@ -237,12 +245,20 @@ class InpaintingDataModule(LightningDataModule):
             self._val_urls, resolution=self.resolution, batch_size=self.val_batch_size, mask_generator=self._val_masks,
             mask_seed=self.seed, image_keys=self.image_keys, paired=self.paired_image_keys,
             paired_missing=self.paired_missing, max_samples=self.val_samples, max_failure_ratio=self.max_failure_ratio)
-        return self._loader(pipeline, self.val_num_workers, self.seed)
+        workers = self.val_num_workers
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.persistent_workers and workers > 0)
+        return loader if self.device_transform else loader.map(finish_batch)
 
     # ------------------------------------------------------------------------------ hooks
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "skipped" in batch:
             self.skipped_samples += int(batch["skipped"])  # CPU tensor: no device sync
+        if isinstance(batch, dict) and "position" in batch:  # a training batch the loop is about to use
+            batch = dict(batch)
+            position = batch.pop("position")
+            if self._train_loader is not None:
+                self._train_loader.consumed(position)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

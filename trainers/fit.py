@@ -4,10 +4,17 @@ LightningCLI over every :class:`trainers.base.StageModule` (``model.class_path``
 (``data.class_path``); the resolved configuration is saved as ``config.yaml`` beside the TensorBoard logs;
 ``--print_config`` prints it. Extra options:
 
-* ``--ckpt_path last|PATH`` resumes (weights, optimizer, scheduler, EMA, step counters). Under SLURM, Lightning's
-  ``SLURMEnvironment`` saves an HPC checkpoint on ``SIGUSR1`` and requeues the job; the requeued job resumes from it.
+* ``--ckpt_path last|PATH`` resumes (weights, optimizer, scheduler, EMA, step counters and the position of the
+  training data stream, so the resumed run sees exactly the batches the uninterrupted run would). ``last`` is the
+  newest *readable* checkpoint of the run's checkpoint folder (a truncated newer one is skipped with a warning).
+  Checkpoints are written atomically (:mod:`trainers.checkpoint_io`) and read with ``weights_only=True``. Under SLURM,
+  Lightning's ``SLURMEnvironment`` saves an HPC checkpoint on ``SIGUSR1`` and requeues the job; the requeued job
+  resumes from it and never replays data it already trained on.
 * ``--export_to DIR`` writes the final model with ``save_pretrained`` (EMA weights when present) after training.
 * ``--torch_threads N`` sets ``torch.set_num_threads`` (CPU runs).
+
+Bad arguments and files (a missing ``init_from``, an empty shard list, a checkpoint of another model) end the command
+with a one-line ``python -m trainers.fit: error: ...`` on stderr and exit status 2, without a traceback.
 
 Without arguments it runs the built-in CPU demo ``configs/tiny/mae.yaml`` (a tiny MAE fine-tuned on the bundled sample
 photographs), resolved relative to this package, not the working directory.
@@ -15,14 +22,19 @@ photographs), resolved relative to this package, not the working directory.
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trainers.base import NonFiniteLossError, StageModule, checkpoint_folder
+from trainers.checkpoint_io import AtomicCheckpointIO, resolve_resume_path
+from trainers.checks import run_command
 from trainers.export import export_checkpoint
 
 __all__ = ["DEFAULT_CONFIG", "PAPER_CONFIGS", "main"]
@@ -45,6 +57,11 @@ class AsukaCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> Trainer:
+    """Run the command; bad arguments and files raise ``SystemExit(2)`` after a one-line message."""
+    return run_command("python -m trainers.fit", _main, args)
+
+
+def _main(args: list[str] | None) -> Trainer:
     argv = list(sys.argv[1:] if args is None else args)
     demo = not argv
     cli_args = args
@@ -64,10 +81,18 @@ def main(args: list[str] | None = None) -> Trainer:
         parser_kwargs={"prog": "python -m trainers.fit", "description": __doc__.split("\n\n")[0]},
     )
     trainer = cli.trainer
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: make the writes atomic
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if cli.config.torch_threads is not None:
         torch.set_num_threads(cli.config.torch_threads)
+    ckpt_path = resolve_resume_path(cli.config.ckpt_path, checkpoint_folder(trainer))
     try:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as error:  # the checkpoint names code: refused by weights_only=True
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise ValueError(f"--ckpt_path {ckpt_path} cannot be read with weights_only=True: it asks for "
+                         f"{found.group(1) if found else 'objects other than tensors and plain values'}; "
+                         "only checkpoints written by python -m trainers.fit are accepted") from error
     except NonFiniteLossError as error:
         print(f"\nTraining stopped: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from error

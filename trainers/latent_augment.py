@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
                                manifest_splits, write_manifest)
 from asuka.tensors import to_numpy_uint8
+from trainers.checks import run_command
 from trainers.sources import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
@@ -348,9 +349,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; bad arguments and files end with a one-line error (exit status 2)."""
     from jsonargparse import CLI
 
-    CLI(run, args=argv)
+    run_command("python -m trainers.latent_augment", lambda args: CLI(run, args=args), argv)
 
 
 if __name__ == "__main__":

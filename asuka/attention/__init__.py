@@ -9,7 +9,7 @@
 - :class:`AttentionStore`, :class:`TokenMasks`: a ready-made reading control and per-grid masks.
 """
 
-from asuka.attention.control import AttentionCall, AttentionControl, CallState, Read
+from asuka.attention.control import AttentionCall, AttentionControl, CallState, Read, RowBias
 from asuka.attention.controller import AttentionController
 from asuka.attention.functional import weighted_sdpa
 from asuka.attention.layers import AttentionLayer, LayerTable, grid_at_level
@@ -27,6 +27,7 @@ __all__ = [
     "ControlledAttnProcessor",
     "LayerTable",
     "Read",
+    "RowBias",
     "TokenMasks",
     "grid_at_level",
     "is_ip_adapter",

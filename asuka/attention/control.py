@@ -3,12 +3,13 @@
 A control is an :class:`AttentionControl` subclass that overrides only the hooks it needs. The
 controlled processor asks every control installed on a layer, at every call of that layer:
 
-1. :meth:`~AttentionControl.active` (a plain Python bool: a timestep, phase or flag test, never a
-   tensor test). When no control of a layer is active, the layer runs the processor it had before
+1. :meth:`~AttentionControl.active` ``(layer, state)`` (a plain Python bool: a timestep, phase or
+   flag test, never a tensor test). When no control of a layer is active, the layer runs the processor it had before
    (diffusers' own SDPA processor, an IP-Adapter processor, ...), untouched.
 2. :meth:`~AttentionControl.keys_values` - extend or replace keys and values (HarmonPaint's MAKVS).
 3. :meth:`~AttentionControl.score_bias` - an additive pre-softmax edit (−inf masks or finite
-   strengths; CorrFill's attention masking). Stays on SDPA.
+   strengths). Stays on SDPA. :meth:`~AttentionControl.row_bias` - the same on some query rows and
+   samples only (:class:`RowBias`; CorrFill's attention masking of target rows in the cond half).
 4. :meth:`~AttentionControl.score_factor` - a multiplicative pre-softmax edit (PAIntA). Dense.
 5. :meth:`~AttentionControl.prob_weight` - a post-softmax weighting without renormalisation given in
    low-rank form ``W = Σ_r rows_r cols_rᵀ`` (HarmonPaint's SAMS, PILOT's SBC). Stays on SDPA.
@@ -18,7 +19,7 @@ controlled processor asks every control installed on a layer, at every call of t
    conditional CFG half or the whole batch, per head or head-mean, optionally for some query rows.
 
 Hooks return ``None`` for "no edit". The order of edits is fixed: keys/values, then
-``scores = (q kᵀ·scale) ⊙ factor + bias + attention_mask``, softmax, then weights and prob edits.
+``scores = (q kᵀ·scale) ⊙ factor + bias + attention_mask (+ row bias)``, softmax, then weights and prob edits.
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ class Read:
             raise ValueError(f"Read.batch must be 'cond' or 'all', got {self.batch!r}")
         if self.heads not in ("each", "mean"):
             raise ValueError(f"Read.heads must be 'each' or 'mean', got {self.heads!r}")
+
+
+@dataclass(frozen=True)
+class RowBias:
+    """An additive pre-softmax term for some query rows of some samples only (returned by ``row_bias``).
+
+    rows: 1-D index tensor over Nq. bias: broadcastable to (B_sel, H|1, len(rows), Nk). batch: the
+    samples it applies to (e.g. ``call.cond``); None = all. Only those rows are recomputed with it, so
+    no (B, 1, N, N) tensor is ever built (CorrFill masks target-query rows of the cond half).
+    """
+
+    rows: torch.Tensor
+    bias: torch.Tensor
+    batch: slice | None = None
+
+    def batch_slice(self, batch_size: int) -> slice:
+        start, stop, step = (self.batch or slice(None)).indices(batch_size)
+        if step != 1:
+            raise ValueError("RowBias.batch must be a contiguous slice")
+        return slice(start, stop)
 
 
 class AttentionCall:
@@ -159,8 +180,8 @@ class AttentionControl:
     read: Read | None = None
     needs_block_input: bool = False
 
-    def active(self, call: AttentionCall) -> bool:
-        """Whether this control acts on this call (Python-level; never test tensor values here)."""
+    def active(self, layer: AttentionLayer, state: CallState) -> bool:
+        """Whether this control acts on this call of ``layer`` (Python values only; never test tensors here)."""
         return True
 
     def keys_values(self, call: AttentionCall, key: torch.Tensor, value: torch.Tensor
@@ -170,6 +191,10 @@ class AttentionControl:
 
     def score_bias(self, call: AttentionCall) -> torch.Tensor | None:
         """Additive pre-softmax term broadcastable to (B, H, Nq, Nk), or None."""
+        return None
+
+    def row_bias(self, call: AttentionCall) -> RowBias | None:
+        """Additive pre-softmax term on some query rows (and samples) only; SDPA reruns just those rows."""
         return None
 
     def score_factor(self, call: AttentionCall) -> torch.Tensor | None:

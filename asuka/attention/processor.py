@@ -13,10 +13,11 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from diffusers.image_processor import IPAdapterMaskProcessor
 from torch import nn
 
-from asuka.attention.control import AttentionCall, AttentionControl, CallState
+from asuka.attention.control import AttentionCall, AttentionControl, CallState, RowBias
 from asuka.attention.functional import (
     attention_scores,
     combine_low_rank,
@@ -27,7 +28,7 @@ from asuka.attention.functional import (
 )
 from asuka.attention.layers import AttentionLayer
 
-_HOOKS = ("keys_values", "score_bias", "score_factor", "prob_weight", "edit_probs")
+_HOOKS = ("keys_values", "score_bias", "row_bias", "score_factor", "prob_weight", "edit_probs")
 
 
 def _overrides(control: AttentionControl, hook: str) -> bool:
@@ -161,7 +162,7 @@ class ControlledAttnProcessor(nn.Module):
                 edited = entry.control.keys_values(call, call.key, call.value)
                 if edited is not None:
                     call.key, call.value = edited
-        factor = bias = None
+        factor = bias = row_bias = None
         weights, prob_editors = [], []
         for entry in active:
             call.state = entry.state
@@ -174,6 +175,13 @@ class ControlledAttnProcessor(nn.Module):
                 b = control.score_bias(call)
                 if b is not None:
                     bias = b if bias is None else bias + b
+            if "row_bias" in entry.hooks:
+                rb = control.row_bias(call)
+                if rb is not None:
+                    if row_bias is not None:
+                        raise ValueError(f"two controls returned a row_bias on {self.layer.name} in one call; "
+                                         "combine them into one control")
+                    row_bias = rb
             if "prob_weight" in entry.hooks:
                 w = control.prob_weight(call)
                 if w is not None:
@@ -188,7 +196,10 @@ class ControlledAttnProcessor(nn.Module):
         weight = combine_low_rank(weights) if weights else None
 
         if factor is not None or prob_editors:
-            probs = attention_scores(query, key, attn.scale, factor=factor, bias=bias).softmax(-1)
+            scores = attention_scores(query, key, attn.scale, factor=factor, bias=bias)
+            if row_bias is not None:
+                scores = _add_row_bias(scores, row_bias)
+            probs = scores.softmax(-1)
             for entry in prob_editors:
                 call.state = entry.state
                 probs = entry.control.edit_probs(call, probs)
@@ -197,6 +208,8 @@ class ControlledAttnProcessor(nn.Module):
             out = torch.matmul(probs.to(value.dtype), value)
         else:
             out = weighted_sdpa(query, key, value, weight, bias, _sdpa_scale(attn, query))
+            if row_bias is not None:
+                out = _rerun_rows(out, row_bias, query, key, value, weight, bias, _sdpa_scale(attn, query))
 
         hidden_states = merge_heads(out).to(query.dtype)
         if ip_hidden_states is not None:
@@ -214,6 +227,41 @@ class ControlledAttnProcessor(nn.Module):
 def _sdpa_scale(attn, query: torch.Tensor) -> float | None:
     """None when the layer uses SDPA's default 1/sqrt(d) (bit-identical to diffusers' processors)."""
     return None if attn.scale == query.shape[-1] ** -0.5 else attn.scale
+
+
+def _rows_of(t: torch.Tensor | None, batch: slice, rows: torch.Tensor) -> torch.Tensor | None:
+    """``t[batch][:, :, rows]`` for a tensor that may broadcast (size 1) over batch or rows."""
+    if t is None:
+        return None
+    if t.ndim < 4:
+        t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    if t.shape[0] != 1:
+        t = t[batch]
+    return t if t.shape[2] == 1 else t.index_select(2, rows)
+
+
+def _put_rows(full: torch.Tensor, batch: slice, rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Out of place: ``full`` with ``full[batch][:, :, rows]`` replaced by ``part`` (autograd-safe)."""
+    middle = full[batch].index_copy(2, rows, part)
+    return torch.cat([full[: batch.start], middle, full[batch.stop:]])
+
+
+def _add_row_bias(scores: torch.Tensor, row_bias: RowBias) -> torch.Tensor:
+    batch = row_bias.batch_slice(scores.shape[0])
+    part = scores[batch].index_select(2, row_bias.rows) + row_bias.bias.to(scores.dtype)
+    return _put_rows(scores, batch, row_bias.rows, part)
+
+
+def _rerun_rows(out, row_bias: RowBias, query, key, value, weight, bias, scale) -> torch.Tensor:
+    """SDPA again on the biased rows only (with every other edit), written into ``out``."""
+    batch = row_bias.batch_slice(query.shape[0])
+    rows = row_bias.rows
+    row_weight = None
+    if weight is not None:
+        row_weight = (_rows_of(weight[0], batch, rows), weight[1] if weight[1].shape[0] == 1 else weight[1][batch])
+    extra = row_bias.bias if bias is None else _rows_of(bias, batch, rows) + row_bias.bias
+    part = weighted_sdpa(query[batch].index_select(2, rows), key[batch], value[batch], row_weight, extra, scale)
+    return _put_rows(out, batch, rows, part)
 
 
 def _extend_mask(mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
@@ -241,10 +289,16 @@ def _read_maps(control: AttentionControl, call: AttentionCall, query, key, mask)
         if spec.heads == "each":
             scores = attention_scores(q, k, call.scale, bias=m)
             return scores if spec.what == "scores" else scores.softmax(-1)
+        def head_map(qh, kh, mh):
+            scores = attention_scores(qh, kh, call.scale, bias=mh)
+            return scores if spec.what == "scores" else scores.softmax(-1)
+
+        keep_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         total = None
         for h in range(q.shape[1]):
-            scores = attention_scores(q[:, h], k[:, h], call.scale, bias=None if m is None else m[:, h])
-            maps = scores if spec.what == "scores" else scores.softmax(-1)
+            args = (q[:, h], k[:, h], None if m is None else m[:, h])
+            # with a graph, recompute each head's softmax in backward: only the head mean stays alive
+            maps = checkpoint(head_map, *args, use_reentrant=False) if keep_graph else head_map(*args)
             total = maps if total is None else total + maps
         return total / q.shape[1]
 
@@ -270,8 +324,9 @@ def _add_ip_adapter(ip, attn, query, hidden_states, ip_hidden_states, ip_adapter
             scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
             images = [(states[:, i], scales[i], mask[:, i]) for i in range(mask.shape[1])]
         for image_states, image_scale, image_mask in images:
-            ip_key = split_heads(to_k_ip(image_states), heads)
-            ip_value = split_heads(to_v_ip(image_states), heads)
+            # image states may be (B, tokens, C) or (B, images, tokens, C): flatten tokens as diffusers does
+            ip_key = to_k_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            ip_value = to_v_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
             out = torch.nn.functional.scaled_dot_product_attention(query, ip_key, ip_value)
             out = merge_heads(out).to(query.dtype)
             if image_mask is not None:

@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
+from asuka.image_limits import DEFAULT_MAX_PIXELS, image_size
+
 __all__ = ["ShapeBank", "load_shape_bank", "bundled_shape_bank", "polygons_from_binary"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -42,6 +44,15 @@ def polygons_from_binary(mask: np.ndarray, *, min_points: int = 3) -> list[np.nd
 def _shoelace(poly: np.ndarray) -> float:
     x, y = poly[:, 0], poly[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _read_segmentation(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A segmentation image as grey uint8; the size is checked from the header first (:mod:`asuka.image_limits`)."""
+    image_size(path, max_pixels=max_pixels)
+    grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise ValueError(f"{path} cannot be decoded as a segmentation image")
+    return grey
 
 
 @dataclass(frozen=True)
@@ -129,7 +140,7 @@ class ShapeBank:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no segmentation images ({sorted(_IMAGE_SUFFIXES)}) found under {folder}")
-        return cls.from_binary_masks(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) > 127 for f in files)
+        return cls.from_binary_masks(_read_segmentation(f) > 127 for f in files)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

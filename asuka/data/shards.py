@@ -20,9 +20,12 @@ from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
+from PIL import ImageOps
+
+from asuka.image_limits import DEFAULT_MAX_PIXELS, ImageTooLargeError, image_size, read_header
 
 __all__ = [
-    "clean_key", "unique_keys", "encode_image", "decode_image", "resize_short_side", "write_shards",
+    "clean_key", "unique_keys", "encode_image", "decode_image", "read_image_file", "resize_short_side", "write_shards",
     "count_samples", "describe_shard", "write_manifest", "read_manifest", "manifest_shards", "manifest_splits",
     "MANIFEST_NAME", "IMAGE_EXTENSIONS",
 ]
@@ -66,12 +69,36 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode image bytes to RGB uint8 (H,W,3); grey and RGBA become RGB. Raises ValueError on bad data."""
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to RGB uint8 (H,W,3); grey and RGBA become RGB. The size is checked from the header
+    first (:mod:`asuka.image_limits`). Raises ValueError on bad data and images above ``max_pixels``."""
+    try:
+        image_size(data, max_pixels=max_pixels, what="the image")
+    except ImageTooLargeError:
+        raise
+    except ValueError as error:
+        raise ValueError(f"undecodable image bytes ({error})") from None
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
         raise ValueError("undecodable image bytes")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def read_image_file(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8 (H,W,3) with its EXIF orientation applied. The size is checked from the
+    header before decoding; a truncated or corrupt file raises ``ValueError`` (never a grey-filled image)."""
+    image_size(path, max_pixels=max_pixels)
+    try:
+        with read_header(path) as img:
+            img.load()  # Pillow raises on truncated data (libjpeg would fill the rest with grey)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the high byte, like OpenCV
+                grey = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path} cannot be decoded ({type(error).__name__}: {error}); it is truncated or "
+                         "corrupt") from None
 
 
 def resize_short_side(rgb: np.ndarray, size: int | None) -> tuple[np.ndarray, float]:

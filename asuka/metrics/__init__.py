@@ -7,7 +7,7 @@ Inception features (N, 2048). Backbones never download unless ``allow_download=T
 from .clip_score import CLIPScore, save_tiny_clip
 from .fid import fid_from_features, kid_from_features
 from .grad import boundary_gradient
-from .ids import inception_discriminative_scores
+from .ids import ids_min_pairs, inception_discriminative_scores
 from .inception import InceptionFeatures, save_random_inception_weights
 from .lpips import LPIPS
 from .pixel import mse, psnr, ssim
@@ -15,6 +15,6 @@ from .weights import MissingWeightsError
 
 __all__ = [
     "CLIPScore", "InceptionFeatures", "LPIPS", "MissingWeightsError", "boundary_gradient", "fid_from_features",
-    "inception_discriminative_scores", "kid_from_features", "mse", "psnr", "save_random_inception_weights",
+    "ids_min_pairs", "inception_discriminative_scores", "kid_from_features", "mse", "psnr", "save_random_inception_weights",
     "save_tiny_clip", "ssim",
 ]

@@ -18,6 +18,19 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.svm import LinearSVC
 
+#: IDS is reported for a group of N pairs only when N >= IDS_PAIRS_PER_DIM * (D + 1), D the SVM's input dimension
+#: (after PCA). 2N points in general position in D dimensions are linearly separable for any labels while
+#: 2N <= D + 1, and most labelings stay separable up to Cover's capacity 2N = 2 (D + 1): there an SVM tells real from
+#: fake even when both come from one distribution (U = P = 0 at N = 500, D = 2048). At N = 4 (D + 1) (4× the
+#: capacity) same-distribution features give U-IDS ≈ 0.37 instead of the ideal 0.5 (measured, D = 64), still biased
+#: but no longer degenerate.
+IDS_PAIRS_PER_DIM = 4
+
+
+def ids_min_pairs(dim: int) -> int:
+    """The smallest group (number of pairs) for which U-/P-IDS are reported, for SVM input dimension ``dim``."""
+    return IDS_PAIRS_PER_DIM * (dim + 1)
+
 
 def inception_discriminative_scores(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, *,
                                     pca_dim: int | None = None) -> dict[str, float]:

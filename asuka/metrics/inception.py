@@ -14,6 +14,7 @@ Two variants:
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,14 +63,21 @@ class InceptionFeatures(nn.Module):
         if variant == "fidelity":
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-            if path is not None:
-                # torch-fidelity unpickles with weights_only=False: vet the file first
-                read_checkpoint(path, key="state_dict")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                         feature_extractor_weights_path=None if path is None
-                                                         else str(path))
+            with tempfile.TemporaryDirectory(prefix="asuka-inception-") as tmp:
+                local = None
+                if path is not None:
+                    # torch-fidelity unpickles its file with weights_only=False: it only ever gets a copy that we
+                    # wrote from the tensors read with weights_only=True (no check-then-load race on the user's file)
+                    local = str(Path(tmp) / "inception.pth")
+                    torch.save(read_checkpoint(path, key="state_dict"), local)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                                 feature_extractor_weights_path=local)
+                    except RuntimeError as error:  # load_state_dict: missing / unexpected / mis-shaped tensors
+                        raise ValueError(f"--inception-weights {str(path)!r} does not fit the torch-fidelity "
+                                         f"Inception-v3: {str(error).splitlines()[-1].strip()}") from error
         else:
             from torchvision.models import Inception_V3_Weights
 

@@ -57,6 +57,20 @@ def _load_slices(slices: nn.Module, state: dict[str, torch.Tensor], source: str)
             layer.load_state_dict({k: state[f"features.{idx}.{k}"] for k in expected})
 
 
+def _load_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load LPIPS' linear heads (``lin<i>.model.1.weight``) strictly: every key present with the right shape, and
+    nothing else in the file."""
+    expected = {k: v.shape for k, v in model.state_dict().items()  # lins.<i> aliases lin<i>
+                if k.startswith("lin") and not k.startswith("lins.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        raise ValueError(f"linear_weights {source!r} are not LPIPS v0.1 heads for this backbone: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {wrong}.")
+    model.load_state_dict(state, strict=False)
+
+
 class LPIPS(nn.Module):
     """Per-image LPIPS distance for images in [-1, 1]; ``forward(pred, target) -> (B,)``."""
 
@@ -71,11 +85,15 @@ class LPIPS(nn.Module):
         if linear_weights is not None and not Path(linear_weights).is_file():
             raise FileNotFoundError(f"linear_weights: no such file {str(linear_weights)!r} (LPIPS v0.1 heads).")
         self.net_name = net
-        # pnet_rand=True: build the backbone without torchvision's download; its weights are copied below.
+        # pnet_rand=True: build the backbone without torchvision's download; pretrained=False: lpips would read its
+        # heads with torch.load under torch's default for weights_only and load them with strict=False. The heads
+        # (bundled or given) are read with weights_only=True and loaded strictly by _load_heads.
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
             warnings.simplefilter("ignore", UserWarning)
-            self.model = lpips_lib.LPIPS(net=net, pnet_rand=True, model_path=None if linear_weights is None
-                                         else str(linear_weights), verbose=False)
+            self.model = lpips_lib.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
+        heads = Path(lpips_lib.__file__).parent / "weights" / "v0.1" / f"{net}.pth" if linear_weights is None \
+            else Path(linear_weights)
+        _load_heads(self.model, read_checkpoint(heads), str(heads))
         _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
         self.requires_grad_(False).eval()
 
