@@ -40,6 +40,7 @@ class MethodRun:
     preset: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     option_strings: Mapping[str, str] = field(default_factory=dict)
+    weights: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def evaluate(config: EvalConfig) -> dict | None:
     items = discover(config.data, resolution=config.resolution, masks=config.masks)[:config.limit]
     device = _device(config.device)
     painters = [Inpainter(run.method, run.model, device=device, decoder=run.decoder, preset=run.preset,
-                          options=run.options, option_strings=run.option_strings) for run in config.methods]
+                          options=run.options, option_strings=run.option_strings, weights=run.weights)
+                for run in config.methods]
     keys = [item.key for item in items]
     inputs = [per_stem_inputs(p.spec, keys, {r: v for r, v in config.inputs.items() if _takes(p, r)})
               for p in painters]
@@ -185,7 +187,7 @@ def merge(out: str | Path, *, count: int | None = None) -> dict:
                             {name: p for name, (_, p) in results.items()}, count=REPORT_GRID)
 
 
-_PER_METHOD = {"method", "model", "decoder", "preset", "options", "inputs", "seed_rule"}
+_PER_METHOD = {"method", "model", "decoder", "preset", "options", "weights", "inputs", "seed_rule"}
 
 
 def _check_comparable(results: Mapping[str, dict]) -> None:
