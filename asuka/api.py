@@ -238,7 +238,8 @@ class Inpainter:
                 "decoder": None if self.decoder is None or not isinstance(self.decoder, (str, Path))
                 else str(self.decoder), "preset": self.preset,
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.resolved.items()},
-                "weights": {k: None if v is None else str(v) for k, v in self.spec.resolve_weights(self.weights).items()},
+                "weights": {k: None if v is None else str(v)
+                            for k, v in self.spec.resolve_weights(self.weights).items()},
                 "seed_rule": SEED_RULE}
 
     def item_inputs(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

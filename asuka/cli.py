@@ -71,6 +71,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a method option (repeatable; typed and range-checked; lists as a,b,c; none for unset)")
     g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
     g.add_argument("--guidance-scale", type=float, help="shortcut for --set guidance_scale=X")
+    g.add_argument("--baseline", help="shortcut for --set baseline=NAME (methods built on a choice of baseline)")
     g.add_argument("--seed", type=int, default=DEMO_SEED,
                    help="random seed: every image gets its own generator seeded with it (default: 0)")
     g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
@@ -146,7 +147,8 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             else:
                 strings[key] = value
         for flag, key, value in (("--steps", "num_inference_steps", args.steps),
-                                 ("--guidance-scale", "guidance_scale", args.guidance_scale)):
+                                 ("--guidance-scale", "guidance_scale", args.guidance_scale),
+                                 ("--baseline", "baseline", args.baseline)):
             if value is not None:
                 if key not in spec.by_name:
                     raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")

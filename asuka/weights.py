@@ -35,7 +35,8 @@ def _looks_local(ref: str | Path) -> bool:
 
 
 def resolve_pretrained(ref: str | Path, *, field: str, marker: str = "config.json", what: str = "model") -> str:
-    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for ``from_pretrained``."""
+    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for
+    ``from_pretrained``."""
     path = Path(ref).expanduser()
     if _looks_local(ref):
         if not path.exists():

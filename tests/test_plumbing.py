@@ -308,10 +308,6 @@ def _photo(size=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
     return photo, mask
 
 
-def _fast(spec: MethodSpec) -> dict:
-    return {"num_inference_steps": 2} if "num_inference_steps" in spec.by_name else {}
-
-
 @pytest.mark.parametrize("name", available_methods())
 def test_declared_defaults_and_decoder_swap_for_every_method(name, tmp_path):
     """For every registered method: the runner's signature defaults are the declared defaults, and ``decoder=`` (an
@@ -319,15 +315,20 @@ def test_declared_defaults_and_decoder_swap_for_every_method(name, tmp_path):
     from asuka.models.decoder import HarmonizingDecoderKL
     from asuka.models.seeding import seeded
 
-    plain = Inpainter(name, options=_fast(get_method(name).spec), device="cpu")
+    quick = get_method(name).quick
+    plain = Inpainter(name, options=quick, device="cpu")
     params = inspect.signature(plain.runner).parameters
     for option in plain.spec.options:
         assert option.name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()), option.name
         if option.name in params and params[option.name].default is not inspect.Parameter.empty:
             assert params[option.name].default == option.default, option.name
     with seeded(0):
-        HarmonizingDecoderKL.from_vae(plain.runner.pipe.vae.float()).save_pretrained(tmp_path / "decoder")
-    swapped = Inpainter(name, options=_fast(plain.spec), decoder=tmp_path / "decoder", device="cpu")
+        decoder = HarmonizingDecoderKL.from_vae(plain.runner.pipe.vae.float())
+        with torch.no_grad():  # from a harmonizing VAE, from_vae computes the same: make this one differ
+            for weight in decoder.decoder.parameters():
+                weight.add_(torch.randn_like(weight) * 0.05)
+    decoder.save_pretrained(tmp_path / "decoder")
+    swapped = Inpainter(name, options=quick, decoder=tmp_path / "decoder", device="cpu")
     photo, mask = _photo()
     out_plain, out_swapped = (p(photo, mask, seed=0) for p in (plain, swapped))
     assert type(swapped.runner.pipe.vae).__name__ == "HarmonizingDecoderKL"
@@ -368,3 +369,61 @@ def test_sd_decoder_equals_a_direct_harmonizing_decode(tiny_inpaint_dir, tmp_pat
     torch.testing.assert_close(plain, by_vae, atol=step, rtol=0)
     torch.testing.assert_close(swapped - plain, direct - by_vae, atol=2 * step, rtol=0)
     assert (direct - by_vae).abs().amax() > 0.05
+
+
+# ------------------------------------------------------------------------------------------ several methods
+class Shift:
+    """image + offset in the hole (an option), so two methods give different, checkable scores."""
+
+    multiple = 8
+
+    def __call__(self, image, mask, *, generator, progress_bar, offset=0.5, prompt=None):
+        return (image + offset).clamp(-1, 1)
+
+
+@pytest.fixture
+def two_methods(monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    options = [Option("offset", "float", 0.5, "brightness added", "test", min=-2, max=2)]
+    for name in ("bright-test", "dark-test"):
+        registry.register_method(name, build=lambda model, **_: Shift(), default_model="none", options=options,
+                                 inputs=[Input("prompt", "text", "prompt", default="")])
+
+
+def test_evaluate_several_methods_one_report(two_methods, folder, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["evaluate", "--method", "bright-test,dark-test", "--data", folder / "images", "--masks",
+            folder / "masks",
+            "--out", out, "--set", "dark-test.offset=-0.5", "--prompt", folder / "prompts.json", "--no-progress",
+            "--seed", "4"]
+    code, stdout, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "## PSNR↑" in stdout and "| subset | n | bright-test | dark-test |" in stdout
+    report = (out / "comparison.md").read_text()
+    assert "| hole 10-20% | 2 |" in report
+    assert Image.open(out / "comparison.png").size[0] == 4 * 160  # input | mask | two methods
+    first = {p: p.stat().st_mtime_ns for p in out.glob("*/predictions/*.png")}
+    assert len(first) == 4
+    settings = {m: json.loads((out / m / "metrics.json").read_text())["settings"]
+                for m in ("bright-test", "dark-test")}
+    assert settings["bright-test"]["options"] == {"offset": 0.5}
+    assert settings["dark-test"]["options"] == {"offset": -0.5}
+    assert settings["dark-test"]["seed"] == 4 and settings["dark-test"]["seed_rule"].startswith("per item")
+    assert settings["dark-test"]["inputs"] == {"prompt": str(folder / "prompts.json")}
+    comparison = json.loads((out / "comparison.json").read_text())["methods"]
+    assert comparison["bright-test"]["overall"]["psnr"] != comparison["dark-test"]["overall"]["psnr"]
+    assert _cli(capsys, *args)[0] == 0  # resumed per method: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/predictions/*.png")} == first
+    code, _, err = _cli(capsys, "evaluate", "--method", "bright-test,dark-test", "--data", folder / "images",
+                        "--masks", folder / "masks", "--out", tmp_path / "x", "--set", "offset=9")
+    assert code == 1 and "--set offset: method 'bright-test': 9.0 is out of range" in err
+
+
+def test_shards_with_different_settings_refuse_to_merge(two_methods, folder, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    common = ["evaluate", "--method", "bright-test", "--data", folder / "images", "--masks", folder / "masks",
+              "--out", out, "--no-progress"]
+    assert _cli(capsys, *common, "--shard", "0/2")[0] == 0
+    assert _cli(capsys, *common, "--shard", "1/2", "--set", "offset=0.25")[0] == 0
+    code, _, err = _cli(capsys, "evaluate", "--merge", "--out", out)
+    assert code == 1 and "different settings" in err

@@ -93,6 +93,8 @@ class InpaintMethod:
     default_model: Callable[[], str | Path] | str | None = None
     description: str = ""
     spec: MethodSpec = field(default_factory=MethodSpec)
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    """Option values for smoke tests and benchmarks: the cheapest setting that still runs every stage."""
 
     def builder(self) -> Builder:
         return _import_attribute(self.build) if isinstance(self.build, str) else self.build
@@ -154,20 +156,30 @@ _UNAVAILABLE: dict[str, str] = {}  # method module name -> why it failed to impo
 def register_method(name: str, *, build: Builder | str | None = None,
                     default_model: Callable[[], str | Path] | str | None = None, description: str = "",
                     options: Sequence[Option] = (), inputs: Sequence[Input] = (),
-                    presets: Sequence[Preset] = (), weights: Sequence[Weights] = ()) -> Any:
+                    presets: Sequence[Preset] = (), weights: Sequence[Weights] = (),
+                    quick: Mapping[str, Any] | None = None) -> Any:
     """Register method ``name``: its builder (``"module:function"``, or a callable), default weights, description
-    and declarations. Returns the :class:`InpaintMethod`; without ``build`` it is a decorator for the builder
-    function (returned unchanged). Invalid declarations raise ``ValueError`` at registration."""
+    and declarations. ``quick``: option values for smoke tests and benchmarks (default: 2 steps when the method has
+    ``num_inference_steps``), the cheapest setting that still runs every stage. Returns the
+    :class:`InpaintMethod`; without ``build`` it is a decorator for the builder function (returned unchanged).
+    Invalid declarations raise ``ValueError`` at registration."""
     if build is None:
         def decorator(function: Builder) -> Builder:
             register_method(name, build=function, default_model=default_model, description=description,
-                            options=options, inputs=inputs, presets=presets, weights=weights)
+                            options=options, inputs=inputs, presets=presets, weights=weights, quick=quick)
             return function
 
         return decorator
     if not description and callable(build):
         description = (build.__doc__ or "").strip().split("\n")[0]
-    method = InpaintMethod(name, build, default_model, description, MethodSpec(options, inputs, presets, weights))
+    spec = MethodSpec(options, inputs, presets, weights)
+    if quick is None:
+        quick = {"num_inference_steps": 2} if "num_inference_steps" in spec.by_name else {}
+    try:
+        spec.resolve(values=quick)
+    except InputError as err:
+        raise ValueError(f"method {name!r}: quick settings: {err}") from None
+    method = InpaintMethod(name, build, default_model, description, spec, dict(quick))
     previous = _METHODS.get(name)
     if previous is not None and previous.build is not build and previous.build != build:
         where = previous.build if isinstance(previous.build, str) else previous.build.__module__

@@ -50,7 +50,7 @@ from asuka.models.flux_aligner import OFFICIAL_CONDITION_WEIGHT, FluxPriorAligne
 from asuka.models.mae import MAEPrior
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.pipelines._registry import PipelineRunner, load_pipeline
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
 
@@ -382,21 +382,20 @@ class AsukaFluxRunner(PipelineRunner):
 
     multiple = 16
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator=None, progress_bar: bool = True,
                  num_inference_steps: int = 50, guidance_scale: float = 30.0,
-                 condition_weight: float = OFFICIAL_CONDITION_WEIGHT, progress_bar: bool = True) -> torch.Tensor:
+                 condition_weight: float = OFFICIAL_CONDITION_WEIGHT) -> torch.Tensor:
         return self._run(image, progress_bar, image=image, mask_image=mask, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, condition_weight=condition_weight, generator=generator,
                          paste_back=False)
 
 
-@register_method("asuka-flux", default_model=default_tiny_asuka_flux_dir,
-                 description="ASUKA on FLUX.1-Fill (the released weights): MAE prior + CLIP/T5 alignment heads + "
-                             "FLUX.1-Fill + harmonizing decoder (default: a tiny random offline pipeline)")
-def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaFluxRunner:
+def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: Any = None) -> AsukaFluxRunner:
     """Load a saved :class:`AsukaFluxFillPipeline` folder (``save_pretrained``, e.g. written by
     ``asuka.models.convert.convert_asuka_flux_release``) or hub id, every component in ``dtype`` — bfloat16 on CUDA
-    unless another half type is asked for (``test_asuka_flux.py`` runs everything in bf16), float32 on CPU."""
+    unless another half type is asked for (``test_asuka_flux.py`` runs everything in bf16), float32 on CPU. ``vae``
+    replaces the saved decoder."""
     if device.type == "cuda" and dtype == torch.float32:
         dtype = torch.bfloat16  # the official setting; FLUX.1-Fill in float32 needs 48 GB for the transformer alone
-    return AsukaFluxRunner(load_pipeline(AsukaFluxFillPipeline, model, dtype).to(device))
+    overrides = {} if vae is None else {"vae": vae.to(dtype)}
+    return AsukaFluxRunner(load_pipeline(AsukaFluxFillPipeline, model, dtype, **overrides).to(device))
