@@ -194,3 +194,16 @@ def test_registry_method_runs_the_offline_tiny_demo(monkeypatch, tmp_path):
                                    num_inference_steps=1, paste_back=False, output_type="pt").images * 2 - 1
     assert out.shape == (1, 3, 32, 48)
     torch.testing.assert_close(out, direct, atol=1e-6, rtol=0)
+
+
+def test_builder_swaps_in_a_16_channel_decoder_and_rejects_others(pipe, tmp_path):
+    from asuka.models.tiny import tiny_vae
+    from asuka.pipelines.asuka_flux.pipeline import build_asuka_flux
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    decoder = HarmonizingDecoderKL.from_vae(pipe.vae)
+    runner = build_asuka_flux(tmp_path / "pipe", device=torch.device("cpu"), dtype=torch.float32, vae=decoder)
+    assert runner.pipe.vae is decoder
+    with pytest.raises(InputError, match="16-channel"):
+        build_asuka_flux(tmp_path / "pipe", device=torch.device("cpu"), dtype=torch.float32,
+                         vae=HarmonizingDecoderKL.from_vae(tiny_vae()))
