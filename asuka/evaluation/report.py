@@ -14,17 +14,17 @@ from asuka.pipelines._common import load_image, to_pil
 
 from .dataset import EvalItem, find_prediction, load_pair
 
-# column order of the Markdown table; metrics that are absent are left out
-_COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "u_ids", "p_ids",
+# column order of the Markdown tables; metrics that are absent are left out
+COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "u_ids", "p_ids",
             "grad", "clip", "psnr_known", "ssim_known")
 _PERCENT = {"u_ids", "p_ids"}
-_LABELS = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips_alex": "LPIPS-alex↓", "lpips_vgg": "LPIPS-vgg↓",
+LABELS = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips_alex": "LPIPS-alex↓", "lpips_vgg": "LPIPS-vgg↓",
            "lpips_squeeze": "LPIPS-squeeze↓", "fid": "FID↓", "kid_mean": "KID↓", "u_ids": "U-IDS(%)↑",
            "p_ids": "P-IDS(%)↑", "grad": "Grad↓", "clip": "CLIP↑", "psnr_known": "PSNR known↑",
            "ssim_known": "SSIM known↑"}
 
 
-def _cell(name: str, value) -> str:
+def cell(name: str, value) -> str:
     if value is None:
         return "–"
     return f"{100 * value:.2f}" if name in _PERCENT else f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}"
@@ -35,13 +35,29 @@ def markdown_table(summary: dict, title: str = "") -> str:
     rows = [("overall", summary["overall"])]
     rows += [(f"domain: {k}", v) for k, v in summary.get("by_domain", {}).items()]
     rows += [(f"hole {k}", v) for k, v in summary.get("by_hole_ratio", {}).items()]
-    columns = [c for c in _COLUMNS if any(c in r for _, r in rows)]
+    columns = [c for c in COLUMNS if any(c in r for _, r in rows)]
     lines = [f"# {title}", ""] if title else []
-    lines.append("| subset | n | " + " | ".join(_LABELS[c] for c in columns) + " |")
+    lines.append("| subset | n | " + " | ".join(LABELS[c] for c in columns) + " |")
     lines.append("|---|---:|" + "---:|" * len(columns))
     for label, row in rows:
-        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(cell(c, row.get(c)) for c in columns) + " |")
+    note = ids_note(row for _, row in rows)
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
+def ids_note(rows) -> str:
+    """The footnote explaining IDS cells left out (or flagged) by the group-size rule, or ``""``."""
+    rows = [row for row in rows if "ids_min_pairs" in row]
+    if not rows:
+        return ""
+    minimum = rows[0]["ids_min_pairs"]
+    text = (f"U-/P-IDS are shown for groups of at least {minimum} image pairs (4 × (D + 1), D = the SVM's input "
+            "dimension); in smaller groups a linear SVM separates real from fake features even when they come from "
+            "one distribution, so those cells are left empty (–).")
+    if any(row.get("ids_reliable") is False for row in rows):
+        text += " The overall U-/P-IDS come from fewer pairs than that and are biased low; compare them only with " \
+                "numbers computed on the same set size."
+    return text
 
 
 def example_grid(items: Sequence[EvalItem], predictions: Path, path: Path, *, count: int = 8,
