@@ -79,6 +79,17 @@ def test_controls_on_ip_adapter_layers_keep_the_image_branch(tiny_inpaint_dir, i
         assert torch.equal(_run(unet, sample, text, added), plain)  # reading only: bit for bit
     assert len(store.maps) == 16 and store.maps[0].shape[-1] == 7  # text keys only, image tokens not mixed in
 
+    # IP-Adapter masks (cross_attention_kwargs) still reach the image branch through the installed processors
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., :, :32] = 1
+    masked = {"ip_adapter_masks": [region]}
+    plain_masked = unet(sample, 400, encoder_hidden_states=text, added_cond_kwargs=added,
+                        cross_attention_kwargs=masked).sample
+    assert (plain_masked - plain).abs().max() > 1e-3
+    with controller:
+        out = unet(sample, 400, encoder_hidden_states=text, added_cond_kwargs=added, cross_attention_kwargs=masked).sample
+        assert torch.equal(out, plain_masked)
+
     layer = controller.layers.select(kind="cross", levels=1)[0]
     seen = {}
     handle = layer.module.register_forward_hook(
