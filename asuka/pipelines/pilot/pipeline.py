@@ -56,6 +56,7 @@ from asuka.pipelines._sampling import (
 from asuka.errors import InputError
 from asuka.pipelines._common import load_image, prepare_inputs
 from asuka.tensors import paste_back as paste_known_pixels
+from asuka.tensors import resize_image
 from asuka.pipelines.pilot.controls import (
     GRADIENT_PHASE,
     GUIDED_PHASE,
@@ -135,8 +136,6 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
                               feature_extractor=feature_extractor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.condition_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
-                                                     do_normalize=False)
 
     # ------------------------------------------------------------------ inputs
     def word_tokens(self, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -151,13 +150,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
 
     def _condition_image(self, image: Any, name: str, batch: int, height: int, width: int, device: torch.device,
                          dtype: torch.dtype) -> torch.Tensor:
-        """A spatial condition (ControlNet / T2I-Adapter) -> (B, 3, H, W) in [0, 1] at the working size."""
-        if isinstance(image, torch.Tensor) and image.is_floating_point():
-            x = (load_image(image, name=name) + 1) / 2
-            x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False) \
-                if tuple(x.shape[-2:]) != (height, width) else x
-        else:
-            x = self.condition_processor.preprocess(image, height=height, width=width).float()
+        """A spatial condition (ControlNet / T2I-Adapter; path, PIL, numpy or a [-1, 1] tensor) -> (B, 3, H, W) in
+        [0, 1] at the working size (resized like images, :func:`asuka.tensors.resize_image`)."""
+        x = (resize_image(load_image(image, name=name), (height, width)) + 1) / 2
         if x.shape[0] not in (1, batch):
             raise InputError(f"{x.shape[0]} condition images for {batch} images; pass one or one per image", name)
         return x.expand(batch, -1, -1, -1).to(device=device, dtype=dtype)
@@ -216,8 +211,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
             lr, lr_schedule ("exp", "constant", "linear"), lr_warmup, momentum: the latent optimiser.
             coef, coef_schedule ("linear", "constant"), coef_area_norm: λ_t = coef·N_bg/coef_area_norm·schedule(t).
             sbc: Semantic Boundary Control on all text cross-attention layers.
-            control_image, controlnet_conditioning_scale: the ControlNet condition (needs ``controlnet``).
-            adapter_image, adapter_conditioning_scale: the T2I-Adapter condition (needs ``adapter``).
+            control_image, controlnet_conditioning_scale: the ControlNet condition (needs ``controlnet``): PIL/numpy,
+                or a tensor (B|1,3,H,W) in [-1, 1]; resized to the image's size, given to the ControlNet in [0, 1].
+            adapter_image, adapter_conditioning_scale: the T2I-Adapter condition (needs ``adapter``), the same way.
             ip_adapter_image / ip_adapter_image_embeds: the IP-Adapter image (after ``load_ip_adapter``).
             generator: one generator or one per image (initial noise, VAE posterior sample, blend noise).
             latents: optional initial noise (B, 4, H/8, W/8).
