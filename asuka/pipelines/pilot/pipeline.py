@@ -270,7 +270,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         controller = AttentionController(self.unet)
         recorder = None
         if not full_hole and (sbc or optimising):
-            masks = hole_token_masks(latent_hole)
+            # a sample without a hole keeps its text everywhere (code: no attention mask when nothing is inpainted)
+            has_hole = latent_hole.flatten(1).amax(1).view(-1, 1, 1, 1) > 0
+            masks = hole_token_masks(torch.where(has_hole, latent_hole, 1.0))
             cross = controller.layers.select(kind="cross")
             if sbc:
                 controller.add(BoundaryControl(masks), cross)
