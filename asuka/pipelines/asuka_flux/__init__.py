@@ -1,7 +1,9 @@
-"""``asuka-flux``: ASUKA on FLUX.1-Fill (the released weights) as an inference method.
+"""``asuka-flux``: ASUKA on FLUX.1-Fill-dev with the released weights (``yikaiwang/ASUKA-FLUX.1-Fill``) as an
+inference method.
 
-This package module only registers the method (torch-free); the pipeline is
-:mod:`asuka.pipelines.asuka_flux.pipeline`, whose public names are also reachable from here, imported on first access.
+This package module only registers the method (torch-free); the pipeline is :mod:`asuka.pipelines.asuka_flux.pipeline`,
+whose public names (``AsukaFluxFillPipeline``, ``AsukaFluxRunner``, ``build_asuka_flux``, ``empty_prompt_embeddings``,
+``tiny_asuka_flux_pipeline``, ``default_tiny_asuka_flux_dir``) are also reachable from here, imported on first access.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from typing import Any
 from asuka.options import Option
 from asuka.pipelines._registry import register_method
 
-_PIPELINE_NAMES = ("AsukaFluxFillPipeline", "AsukaFluxRunner", "build_asuka_flux", "default_tiny_asuka_flux_dir",
-                   "tiny_asuka_flux_pipeline")
-_OFFICIAL = "official asuka-misato test_asuka_flux.py"
+_PIPELINE_NAMES = ("AsukaFluxFillPipeline", "AsukaFluxRunner", "build_asuka_flux", "empty_prompt_embeddings",
+                   "tiny_asuka_flux_pipeline", "default_tiny_asuka_flux_dir")
 
 OPTIONS = (
-    Option("num_inference_steps", "int", 50, "number of Euler flow-matching steps", f"{_OFFICIAL} (get_schedule(50))",
-           min=1),
-    Option("guidance_scale", "float", 30.0, "FLUX.1 distilled guidance value", f"{_OFFICIAL} (guidance=30)", min=0),
-    Option("condition_weight", "float", 0.5, "c = c_null + w (c_mae - c_null): weight of the MAE condition",
-           f"{_OFFICIAL} (--condition_weight)"),
+    Option("num_inference_steps", "int", 50, "flow-matching Euler steps (FLUX's shifted schedule)",
+           "asuka-flux test_asuka_flux.py: get_schedule(50, seq_len, shift=True)", min=1),
+    Option("guidance_scale", "float", 30.0, "FLUX.1-Fill's distilled guidance",
+           "asuka-flux test_asuka_flux.py: denoise(..., guidance=30.)", min=0),
+    Option("condition_weight", "float", 0.5,
+           "interpolation of the aligned MAE condition toward the empty-prompt embeddings (1 = condition alone)",
+           "asuka-flux test_asuka_flux.py --condition_weight default; README 'CFG scale of 0.5'"),
 )
 
 

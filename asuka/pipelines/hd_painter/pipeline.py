@@ -34,15 +34,12 @@ from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, de
 from asuka.pipelines._sampling import denoise
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
+from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT
 from asuka.pipelines.hd_painter.preprocess import (dilate, latent_mask, pad_bottom_right, resize_mask_bicubic,
                                                    token_weights, working_size)
 from asuka.tensors import paste_back as paste_known_pixels
 from asuka.tensors import resize_image
 
-POSITIVE_PROMPT = "Full HD, 4K, high quality, high resolution"
-NEGATIVE_PROMPT = ("text, bad anatomy, bad proportions, blurry, cropped, deformed, disfigured, duplicate, error, "
-                   "extra limbs, gross proportions, jpeg artifacts, long neck, low quality, lowres, malformed, morbid, "
-                   "mutated, mutilated, out of frame, ugly, worst quality")
 WORKING_LONG_SIDE = 512
 PAD_MULTIPLE = 64
 

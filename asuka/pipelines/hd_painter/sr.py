@@ -18,6 +18,7 @@ for PIL's, and an output size option (``output_long_side``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -293,3 +294,36 @@ class InpaintSRPipeline(DiffusionPipeline):
         holes = (mask[:, 0] > 0.5).cpu().numpy()
         out = np.stack([poisson_blend(o, f, m) for o, f, m in zip(origs, fakes, holes)])
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(decoded.device)
+
+
+# ------------------------------------------------------------------------------------------------ after any method
+def load_sr(folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            field: str = "sr") -> InpaintSRPipeline:
+    """Load an x4-upscaler folder or hub id (``StableDiffusionUpscalePipeline`` layout, e.g. a local copy of
+    ``stabilityai/stable-diffusion-x4-upscaler``) as :class:`InpaintSRPipeline`; one-line errors name ``field``."""
+    from asuka.pipelines._registry import load_pipeline
+
+    try:
+        pipe = load_pipeline(InpaintSRPipeline, folder, dtype)
+    except InputError as err:
+        raise InputError(err.message, field) from None
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise InputError(f"cannot load {str(folder)!r} as an x4 upscaler: {' '.join(str(err).split())}", field) from err
+    if pipe.unet.config.in_channels != 7:
+        raise InputError(f"{str(folder)!r} holds a UNet with {pipe.unet.config.in_channels} input channels; the x4 "
+                         "upscaler's has 7 (4 latent + 3 low-resolution RGB)", field)
+    return pipe.to(device)
+
+
+def super_resolve(pipe: InpaintSRPipeline, result: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                  prompts: list[str] | None = None, *, seed: int = 0, progress_bar: bool = False,
+                  **options: Any) -> torch.Tensor:
+    """HD-Painter's SR stage after any inpainting method: ``result`` (B,3,h,w) in [-1,1] (the method's output),
+    ``image`` / ``mask`` the originals -> (B,3,H',W') in [-1,1], long side ``output_long_side`` (2048). Each item's
+    generator is seeded with ``seed`` (one seed rule with the inpainting step). ``options`` go to the pipeline."""
+    batch = image.shape[0]
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    generators = [torch.Generator().manual_seed(seed) for _ in range(batch)]
+    out = pipe(image, mask, result, prompt=list(prompts) if prompts else [""] * batch, generator=generators,
+               output_type="pt", **options).images
+    return out.to(image.device, torch.float32) * 2 - 1
