@@ -330,7 +330,8 @@ def test_declared_defaults_and_decoder_swap_for_every_method(name, tmp_path):
     decoder.save_pretrained(tmp_path / "decoder")
     swapped = Inpainter(name, options=quick, decoder=tmp_path / "decoder", device="cpu")
     photo, mask = _photo()
-    out_plain, out_swapped = (p(photo, mask, seed=0) for p in (plain, swapped))
+    inputs = {i.role: "a photo" if i.kind == "text" else photo for i in plain.spec.inputs if i.required}
+    out_plain, out_swapped = (p(photo, mask, inputs=inputs, seed=0) for p in (plain, swapped))
     assert type(swapped.runner.pipe.vae).__name__ == "HarmonizingDecoderKL"
     hole = torch.from_numpy(mask >= 128)[None, None].expand_as(out_plain)
     assert torch.equal(out_plain[~hole], out_swapped[~hole])  # paste-back
@@ -427,3 +428,10 @@ def test_shards_with_different_settings_refuse_to_merge(two_methods, folder, tmp
     assert _cli(capsys, *common, "--shard", "1/2", "--set", "offset=0.25")[0] == 0
     code, _, err = _cli(capsys, "evaluate", "--merge", "--out", out)
     assert code == 1 and "different settings" in err
+
+
+def test_readme_method_tables_are_generated_from_the_declarations():
+    from asuka.readme_tables import block
+
+    assert block() in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "README's method tables drifted from the declarations: run `python -m asuka.readme_tables`"
