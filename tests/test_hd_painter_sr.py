@@ -72,8 +72,7 @@ def test_s2_full_mask_equals_vanilla_diffusers_upscaler(upscaler_dir, sr_pipe):
     ours = _run(sr_pipe, image, torch.ones(1, 1, SIZE, SIZE), low, poisson=False, num_inference_steps=2)
     ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_dir)
     ref.set_progress_bar_config(disable=True)
-    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                              steps_offset=0)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
     expected = ref(prompt="a boat, high resolution professional photo", negative_prompt="", image=(low + 1) / 2,
                    num_inference_steps=2, guidance_scale=7.5, noise_level=20, output_type="pt",
                    generator=[torch.Generator().manual_seed(0)]).images

@@ -77,7 +77,7 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         """The official sampler on the loaded noise schedule: DDIM, trailing timesteps (999, 979, ... for 50 steps),
         ``set_alpha_to_one`` (the last step returns its x0), no clipping or thresholding."""
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False, thresholding=False, steps_offset=0)
+                                         clip_sample=False, thresholding=False)
 
     def prompt_tokens(self, prompts: list[str], full_prompts: list[str]) -> torch.Tensor:
         """PAIntA's / RASG's token weights (B, 77): the words of each prompt + the EOT of its full prompt."""

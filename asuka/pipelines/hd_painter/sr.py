@@ -144,8 +144,7 @@ class InpaintSRPipeline(DiffusionPipeline):
         """The official sampler: the folder's DDIM schedule with trailing timesteps and ``set_alpha_to_one`` (the
         last step returns its x0), v-prediction, no clipping."""
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False, thresholding=False, prediction_type="v_prediction",
-                                         steps_offset=0)
+                                         clip_sample=False, thresholding=False, prediction_type="v_prediction")
 
     @torch.no_grad()
     def __call__(
