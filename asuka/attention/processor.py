@@ -77,8 +77,10 @@ class ControlledAttnProcessor(nn.Module):
         self.block_input = None
         self.block_encoder_hidden_states = None
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                ip_adapter_masks=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None, **kwargs):
+        # ``__call__`` itself (not ``forward``): diffusers' Attention.forward passes on only the keyword
+        # arguments named in ``inspect.signature(processor.__call__)`` (e.g. ``ip_adapter_masks``)
         try:
             active = [e for e in self.entries if e.control.active(self.layer, e.state)]
             if not active:
