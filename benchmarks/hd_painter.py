@@ -8,7 +8,8 @@ evenly; peak memory = the largest resident-set (CPU) or allocated (CUDA) increas
 
 * ``sd-inpaint``: diffusers' ``StableDiffusionInpaintPipeline`` with HD-Painter's DDIM (trailing, CFG 7.5) - the base;
 * ``hd-painter``: PAIntA + RASG (defaults; ``rasg_low_memory`` on: the unconditional half without a graph);
-* ``hd-painter (CFG batch graph)``: the same with ``rasg_low_memory=False`` (the official code's batching);
+* ``hd-painter (CFG batch graph)``: the same with ``rasg_low_memory=False`` (the official code's batching; only with
+  ``--batch-graph``: it needs about twice the activation memory);
 * ``painta only``, ``rasg only``;
 * ``x4 upscaler`` vs ``inpaint SR``: diffusers' ``StableDiffusionUpscalePipeline`` vs ``InpaintSRPipeline`` (blend +
   Poisson) at the x4 upscaler's real widths, output ``--sr-size`` (2048 in practice; 512 keeps CPU runs short).
@@ -71,7 +72,8 @@ def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device
     return {name: (min(t for t, _ in r), max(m for _, m in r)) for name, r in results.items()}
 
 
-def hd_painter_rows(size: int = 512, steps: int = 3, device: str = "cpu", repeats: int = 1) -> list[dict]:
+def hd_painter_rows(size: int = 512, steps: int = 3, device: str = "cpu", repeats: int = 1,
+                    batch_graph: bool = False) -> list[dict]:
     from diffusers import StableDiffusionInpaintPipeline
 
     from asuka.models.tiny import ddim_scheduler, sd15_text_encoder, sd15_unet, sd15_vae, tiny_tokenizer
@@ -98,10 +100,11 @@ def hd_painter_rows(size: int = 512, steps: int = 3, device: str = "cpu", repeat
         "sd-inpaint (base)": lambda: base(image=(image + 1) / 2, mask_image=mask, height=size, width=size,
                                           generator=torch.Generator().manual_seed(0), **common),
         "hd-painter": run_hd(),
-        "hd-painter (CFG batch graph)": run_hd(rasg_low_memory=False),
         "painta only": run_hd(rasg=False),
         "rasg only": run_hd(painta=False),
     }
+    if batch_graph:
+        variants["hd-painter (CFG batch graph)"] = run_hd(rasg_low_memory=False)
     results = _round_robin(variants, dev, repeats)
     base_time, base_mem = results["sd-inpaint (base)"]
     return [dict(row=name, size=size, steps=steps, seconds=t, seconds_per_step=t / steps, ratio=t / base_time,
@@ -162,10 +165,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-sr", action="store_true")
+    parser.add_argument("--batch-graph", action="store_true", help="also time rasg_low_memory=False")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
-    _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats))
+    _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats, args.batch_graph))
     if not args.skip_sr:
         _print(sr_rows(args.sr_size, args.sr_steps, args.device, args.repeats))
 
