@@ -212,3 +212,17 @@ def test_builder_swaps_in_a_16_channel_decoder_and_rejects_others(pipe, tmp_path
     with pytest.raises(InputError, match="16-channel"):
         build_asuka_flux(tmp_path / "pipe", device=torch.device("cpu"), dtype=torch.float32,
                          vae=HarmonizingDecoderKL.from_vae(tiny_vae()))
+
+
+def test_model_cpu_offload_hooks_give_the_same_images(tiny_flux_fill_dir):
+    """enable_model_cpu_offload's accelerate hooks (here with the CPU as execution device: the hook path, not the
+    transfer) leave the result unchanged; model_cpu_offload_seq names every model component."""
+    offloaded = tiny_asuka_flux_pipeline(tiny_flux_fill_dir)
+    offloaded.set_progress_bar_config(disable=True)
+    _, image, mask = _inputs()
+    kwargs = dict(num_inference_steps=1, output_type="pt")
+    ref = offloaded(image, mask, generator=torch.Generator().manual_seed(0), **kwargs).images
+    offloaded.enable_model_cpu_offload(device="cpu")
+    out = offloaded(image, mask, generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert set(offloaded.model_cpu_offload_seq.split("->")) == {"mae", "aligner", "transformer", "vae"}
