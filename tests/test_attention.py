@@ -121,10 +121,27 @@ def test_nothing_installed_and_inactive_controls_are_bit_exact(unet):
     assert torch.equal(_run(unet, sample, text), plain)
 
 
-def test_read_only_controls_keep_output_bit_exact(unet):
+class NoEdit(AttentionControl):
+    """Active, overrides every SDPA-path hook, edits nothing."""
+
+    def keys_values(self, call, key, value):
+        return None
+
+    def score_bias(self, call):
+        return None
+
+    def row_bias(self, call):
+        return None
+
+    def prob_weight(self, call):
+        return None
+
+
+def test_read_only_and_identity_controls_keep_output_bit_exact(unet):
     sample, text = _inputs()
     plain = _run(unet, sample, text)
     controller = AttentionController(unet)
+    controller.add(NoEdit(), controller.layers)
     store = controller.add(AttentionStore(Read("scores", batch="all", heads="each")), controller.layers)
     with controller:
         assert torch.equal(_run(unet, sample, text), plain)
