@@ -160,7 +160,7 @@ class Option:
     def allowed(self) -> str:
         """The allowed values in words, for tables."""
         if self.choices is not None:
-            text = " | ".join(map(str, self.choices))
+            text = " / ".join(map(str, self.choices))
         elif self.min is not None or self.max is not None:
             lo = "" if self.min is None else ("(" if self.min_exclusive else "[") + f"{self.min:g}"
             hi = "" if self.max is None else f"{self.max:g}]"
@@ -367,7 +367,8 @@ class MethodSpec:
         """Markdown tables of the options, presets and inputs (the README's method tables are these)."""
         rows = ["| option | type | default | allowed | help | source |", "|---|---|---|---|---|---|"]
         for o in self.options:
-            rows.append(f"| `{o.name}` | {o.type} | `{_show(o.default)}` | {o.allowed()} | {o.help} | {o.source} |")
+            rows.append(f"| `{o.name}` | {o.type} | `{_cell(_show(o.default))}` | {_cell(o.allowed())} | "
+                        f"{_cell(o.help)} | {_cell(o.source)} |")
         if self.presets:
             rows += ["", "| preset | values | help | source |", "|---|---|---|---|"]
             for p in self.presets:
@@ -404,6 +405,11 @@ class MethodSpec:
             lines.append(_columns(["weights", "required", "help"],
                                   [[w.name, "yes" if w.required else "no", w.help] for w in self.weights]))
         return "\n\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Markdown table cell text (pipes escaped)."""
+    return text.replace("|", "\\|")
 
 
 def _show(value: Any) -> str:

@@ -155,7 +155,7 @@ def test_describe_json_schema_rejects_what_the_cli_rejects(recorder, capsys):
                 {"inputs": {"mask2": "x"}}, {"preset": "other"}, {"options": {"layers": [-1]}}):
         assert list(validator.iter_errors(bad)), bad
     code, out, _ = _cli(capsys, "inpaint", "--method", "recorder-test", "--describe")
-    assert code == 0 and "mode" in out and "fast | slow" in out and "paper" in out and "controlnet" in out
+    assert code == 0 and "mode" in out and "fast / slow" in out and "paper" in out and "controlnet" in out
 
 
 def test_every_option_reaches_the_runner_from_the_cli(recorder, folder, tmp_path, capsys):
