@@ -1,4 +1,4 @@
-"""MAKVS, the Mask-Adjusted Key-Value Strategy (paper §III-C, Eqs. 10-13), as a key/value edit.
+"""MAKVS, the Mask-Adjusted Key-Value Strategy (paper §IV-B, Eqs. 10-13), as a key/value edit.
 
 The unmasked region is the style reference: ``K~`` (Eq. 10) equals ``K`` at unmasked tokens and the mean key
 ``K_bar`` of the unmasked tokens at masked ones (``V~`` likewise). ``concat`` mode (Eqs. 11-12, the paper's
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-MAKVS_MODES = ("concat", "naive")
+from asuka.pipelines.harmonpaint.options import MAKVS_MODES
 
 
 def makvs_applicable(mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""HarmonPaint's token masks (paper §III-B: "resize the given binary mask to match the dimensions of the
+"""HarmonPaint's token masks (paper §IV-A: "resize the given binary mask to match the dimensions of the
 self-attention map ... flatten M into M_f") and the soft mask of Eq. 7.
 
 The paper does not say how the mask is resized; three modes are offered (default ``area``):
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MASK_RESIZE_MODES = ("area", "nearest", "maxpool")
+from asuka.pipelines.harmonpaint.options import MASK_RESIZE_MODES
 
 
 def resize_mask_to_grid(latent_mask: torch.Tensor, size: tuple[int, int], mode: str = "area") -> torch.Tensor:

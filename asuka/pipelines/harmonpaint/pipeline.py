@@ -1,6 +1,6 @@
 """``HarmonPaintPipeline``: HarmonPaint (arXiv:2507.16732) on any 9-channel Stable Diffusion inpainting model.
 
-Per step ``i`` at timestep ``t`` (paper §III, Fig. 4; the loop is :func:`asuka.pipelines._sampling.denoise`):
+Per step ``i`` at timestep ``t`` (paper §IV, Fig. 4; the loop is :func:`asuka.pipelines._sampling.denoise`):
 
 1. structure phase (``t >= division_eta * T``): SAMS on self-attention layers 2-6, and, before the model call,
    ``steer_iterations`` gradient steps ``z <- z - a_i grad_z L_s`` of the attention steer loss (Eqs. 8-9) from a

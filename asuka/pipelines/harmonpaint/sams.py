@@ -1,4 +1,4 @@
-"""SAMS, the Self-Attention Masking Strategy (paper §III-B, Eqs. 4-7), as a low-rank post-softmax weight.
+"""SAMS, the Self-Attention Masking Strategy (paper §IV-A, Eqs. 4-7), as a low-rank post-softmax weight.
 
 The post-softmax self-attention map ``A`` is reweighted elementwise, **without renormalisation**:
 ``f' = (W ⊙ A) V``. For the paper's variant (``obj_bg``, suppress object<->background interaction)
@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from asuka.pipelines.harmonpaint.masks import soft_mask
-
-SAMS_VARIANTS = ("obj_bg", "bg_bg", "obj_obj")
+from asuka.pipelines.harmonpaint.options import SAMS_VARIANTS
 
 
 def sams_factors(mask: torch.Tensor, tau: float = 0.1, variant: str = "obj_bg") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""HarmonPaint's Efficient Division Strategy (paper §III-D): timesteps ``t >= eta * T`` form the structure phase
+"""HarmonPaint's Efficient Division Strategy (paper §IV-C): timesteps ``t >= eta * T`` form the structure phase
 (SAMS and the steer loss), the others the style phase (MAKVS), ``eta = 0.6``, ``T`` the scheduler's
 ``num_train_timesteps``. The phase follows the timestep **value**, not the step index: 50 DDIM steps
 (``t = 981, 961, ..., 1``) give 20 structure steps and 30 style steps.

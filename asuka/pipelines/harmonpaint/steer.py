@@ -1,4 +1,4 @@
-"""The attention steer loss (paper §III-A, Eqs. 8-9; from Predicated Diffusion's "existence" predicate) and its
+"""The attention steer loss (paper §IV-A, Eqs. 8-9; from Predicated Diffusion's "existence" predicate) and its
 latent step schedule.
 
 For each steered prompt token ``i`` and each stored resolution, with ``A`` the conditional branch's
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from asuka.attention.functional import score_dtype
+from asuka.pipelines.harmonpaint.options import STEER_NORMALIZE
 
-STEER_NORMALIZE = ("none", "ae")
 AE_SOFTMAX_SCALE = 100.0  # Attend-and-Excite's re-softmax temperature
 
 
