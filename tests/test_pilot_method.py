@@ -116,3 +116,9 @@ def test_builder_loads_controlnet_ip_adapter_and_lora(sd_dir, files, tmp_path):
     out = run()
     assert out.shape == image.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, run(lora_scale=0.0))  # the option reaches the loaded LoRA
+    # a batch whose items have different IP-Adapter images runs item by item, equal to single runs
+    pair = runner(image.expand(2, -1, -1, -1), mask.expand(2, -1, -1, -1), progress_bar=False,
+                  generator=[torch.Generator().manual_seed(0) for _ in range(2)], prompt=["a cat"] * 2,
+                  control=control.expand(2, -1, -1, -1), ip_adapter_image=[control, image], **defaults)
+    torch.testing.assert_close(pair[:1], out, rtol=0, atol=0)
+    assert not torch.allclose(pair[1:], out)
