@@ -30,6 +30,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
@@ -531,6 +532,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         decoder blocks (the call the aligner trainer makes on batches it preprocessed itself)."""
         return self.forward(x, mask, feature_layer=feature_layer, return_image=False).features
 
+    @apply_forward_hook  # under enable_model_cpu_offload the model moves to the GPU before the inputs follow it
     def prior(self, image: torch.Tensor, mask: torch.Tensor, return_image: bool = True) -> MAEPriorOutput:
         """ASUKA's MAE prior for ``image`` (B, 3, H, W) in [-1, 1] and ``mask`` (B, 1, H, W), 1 = hole, any size.
 
