@@ -31,9 +31,9 @@ from asuka.attention import AttentionController, TokenMasks
 from asuka.models.tiny import ddim_scheduler, sd15_text_encoder, sd15_unet, sd15_vae, tiny_tokenizer
 from asuka.pipelines._sampling import Step, unet_input
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
-from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER
+from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS
 from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid
-from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook, forward_until, frozen
+from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook, frozen
 from asuka.pipelines.harmonpaint.schedule import StepPlan, plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask
 
