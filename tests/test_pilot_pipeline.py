@@ -267,6 +267,12 @@ def test_o12_eleven_semantic_layers_on_sd15():
 
 
 # ------------------------------------------------------------------------------------------------- O13-O15
+def test_no_hole_means_no_sbc(pipe):
+    """The code's other special case: nothing to inpaint -> no attention mask (SBC off), L_bg still optimised."""
+    empty = torch.zeros(1, 1, SIZE, SIZE)
+    torch.testing.assert_close(_run(pipe, mask=empty), _run(pipe, mask=empty, sbc=False), rtol=0, atol=1e-4)
+
+
 def test_o13_mask_polarity(pipe):
     mask = _mask()
     torch.testing.assert_close(_run(pipe, mask=1 - mask, mask_convention="pilot"), _run(pipe, mask=mask),

@@ -127,6 +127,9 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
             torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         if (aligner is None) == (aligner_clip is None or aligner_t5 is None):
             raise ValueError("pass either aligner= (a FluxPriorAligner folder) or both aligner_clip= and aligner_t5=")
+        if aligner is not None and null_embeddings is not None:
+            raise ValueError("a FluxPriorAligner folder carries its null embeddings; null_embeddings= goes with "
+                             "aligner_clip= / aligner_t5=")
         transformer = FluxTransformer2DModel.from_pretrained(flux_fill, subfolder="transformer",
                                                              torch_dtype=torch_dtype, **load_kwargs)
         flux_vae = AutoencoderKL.from_pretrained(flux_fill, subfolder="vae", torch_dtype=torch_dtype, **load_kwargs)

@@ -36,8 +36,9 @@ OPTIONS = (
            choices=("official", "paper")),
     Option("painta_smoothing", "bool", True, "3x3 Gaussian smoothing of PAIntA's coefficients (official, not in the "
            "paper)", "official attentionpatch/painta.py"),
-    Option("rasg_low_memory", "bool", False, "run the unconditional half without an autograd graph (less memory, "
-           "one more UNet pass per step)", "asuka (not in the official code)"),
+    Option("rasg_low_memory", "bool", True, "RASG's graph only for the conditional half: the unconditional half runs "
+           "as a separate pass without one (less memory and backward work; off = the official CFG-batch graph)",
+           "asuka (the official code keeps the whole CFG batch's graph)"),
     Option("working_long_side", "int", 512, "long side of the working resolution (a multiple of 64)", _HD, min=64),
     Option("mask_dilation", "int", 1, "pixels of 4-neighbourhood mask dilation at the working resolution", _HD,
            min=0),

@@ -21,7 +21,7 @@ paper). A hole covering the whole image falls back to plain text-to-image sampli
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -267,10 +267,16 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         lam_base = area_coefficient(coef, latent_hole, coef_area_norm)
         optimising = any(p.optimise for p in plan)
 
+        if optimising and torch.is_inference_mode_enabled():
+            raise InputError("PILOT differentiates through the UNet, which torch.inference_mode() forbids; call it "
+                             "under torch.no_grad() (or nothing) instead, or set num_gradient_ops=0",
+                             "num_gradient_ops")
         controller = AttentionController(self.unet)
         recorder = None
         if not full_hole and (sbc or optimising):
-            masks = hole_token_masks(latent_hole)
+            # a sample without a hole keeps its text everywhere (code: no attention mask when nothing is inpainted)
+            has_hole = latent_hole.flatten(1).amax(1).view(-1, 1, 1, 1) > 0
+            masks = hole_token_masks(torch.where(has_hole, latent_hole, 1.0))
             cross = controller.layers.select(kind="cross")
             if sbc:
                 controller.add(BoundaryControl(masks), cross)
@@ -319,10 +325,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         elif "negative_prompt_embeds" in names:
             raise InputError("negative_prompt_embeds exists only with guidance_scale > 1",
                              "callback_on_step_end_tensor_inputs")
-        with ExitStack() as stack:
-            stack.enter_context(frozen(self.unet, self.controlnet, self.adapter, self.vae, self.text_encoder,
-                                       self.image_encoder))
-            stack.enter_context(controller)
+        with frozen(self.unet, self.controlnet, self.adapter, self.vae, self.text_encoder, self.image_encoder), \
+                controller:
             latents = denoise(self, latents, timesteps, noise, tensors=tensors, before=before,
                               extra_step_kwargs=self.prepare_extra_step_kwargs(generator, 0.0),
                               callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=names)
