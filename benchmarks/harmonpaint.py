@@ -20,6 +20,7 @@ shared and left out of both, which makes the ratio an upper bound). Then one end
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import threading
 import time
@@ -39,9 +40,14 @@ from asuka.pipelines.harmonpaint.steer import prompt_token_mask
 
 
 class PeakRSS:
-    """Peak resident memory (bytes) above the level at entry, sampled every 5 ms (Linux /proc)."""
+    """Peak resident memory (bytes) above the level at entry, sampled every 5 ms (Linux /proc); freed heap memory is
+    returned to the system first (glibc ``malloc_trim``), so the growth counts this stage's allocations."""
 
     def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
