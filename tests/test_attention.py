@@ -121,10 +121,27 @@ def test_nothing_installed_and_inactive_controls_are_bit_exact(unet):
     assert torch.equal(_run(unet, sample, text), plain)
 
 
-def test_read_only_controls_keep_output_bit_exact(unet):
+class NoEdit(AttentionControl):
+    """Active, overrides every SDPA-path hook, edits nothing."""
+
+    def keys_values(self, call, key, value):
+        return None
+
+    def score_bias(self, call):
+        return None
+
+    def row_bias(self, call):
+        return None
+
+    def prob_weight(self, call):
+        return None
+
+
+def test_read_only_and_identity_controls_keep_output_bit_exact(unet):
     sample, text = _inputs()
     plain = _run(unet, sample, text)
     controller = AttentionController(unet)
+    controller.add(NoEdit(), controller.layers)
     store = controller.add(AttentionStore(Read("scores", batch="all", heads="each")), controller.layers)
     with controller:
         assert torch.equal(_run(unet, sample, text), plain)
@@ -559,3 +576,28 @@ def test_two_unets_in_one_process_do_not_interfere(unet):
         assert torch.equal(_run(other, sample, text), plain_other)
         assert len(store1.maps) == 5 and len(store2.maps) == 5
     assert store1.maps[0].shape[0] == 2 and store2.maps[0].shape[0] == 1  # each its own CallState (cfg)
+
+
+def test_scores_are_float32_under_bfloat16(unet):
+    import copy
+
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    layer = LayerTable(half).by_name(LEVEL1_SELF)
+    masks = TokenMasks(_hole_masks())
+    controller = AttentionController(half)
+    store = controller.add(AttentionStore(Read("scores", heads="each")), layer)
+    controller.add(ColumnFactor(masks, torch.linspace(0, 1, 24)), layer)
+    sample, text = _inputs(dtype=torch.bfloat16)
+    seen = {}
+    handle = layer.module.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    try:
+        with controller:
+            controller.state.cfg, controller.state.phase = True, "on"
+            out = _run(half, sample, text)
+    finally:
+        handle.remove()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    q, k, _ = _qkv(layer.module, seen["x"], None)  # bfloat16 projections
+    ref = (q.float() @ k.float().transpose(-1, -2) * layer.module.scale)[2:]  # products and sums in float32
+    assert store.maps[0].dtype == torch.float32
+    torch.testing.assert_close(store.maps[0], ref, atol=1e-5, rtol=1e-5)
