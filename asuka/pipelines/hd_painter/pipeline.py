@@ -358,4 +358,4 @@ def _warn_small_mask(controls: HDPainterControls, latent_size: tuple[int, int]) 
         warnings.warn(f"the mask of sample(s) {empty.nonzero().flatten().tolist()} vanishes at the latent/4 grid "
                       f"{grid[0]}x{grid[1]} (holes thinner than ~32 px at the working size): PAIntA does nothing and "
                       "RASG pushes towards an empty mask there; enlarge the mask or raise working_long_side",
-                      SmallMaskWarning, stacklevel=3)
+                      SmallMaskWarning, stacklevel=5)   # the caller of HDPainterPipeline.__call__ (2 decorators)
