@@ -116,7 +116,13 @@ def row_pilot() -> Row:
                base_options={"num_gradient_ops": 0, "sbc": False}, inputs={"prompt": "a photo"})
 
 
-ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot]
+def row_hd_painter() -> Row:
+    """``hd-painter`` (PAIntA + RASG, declared defaults: working size 512, RASG's graph on the conditional half) against
+    SD-inpainting on the same weights, same prompt and steps, CFG 7.5. (The x4 SR stage: benchmarks/hd_painter.py.)"""
+    return Row("hd-painter", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat"})
+
+
+ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter]
 """One entry per method: add yours here."""
 
 

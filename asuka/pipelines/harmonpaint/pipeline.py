@@ -17,7 +17,6 @@ cannot change the loss), which saves the rest of that forward pass and its backw
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,7 +26,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 
 from asuka.attention import AttentionController, TokenMasks
 from asuka.errors import InputError
-from asuka.pipelines._sampling import Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient, unet_input
+from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient,
+                                       unet_input)
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER, maps_by_grid, steer_store
 from asuka.pipelines.harmonpaint.diagnostics import DiagnosticsRecorder
@@ -77,6 +77,8 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
     (:class:`~asuka.pipelines.harmonpaint.config.HarmonPaintConfig`), plus ``paste_unmasked`` (copy the known pixels
     of the input into the output; off, as in the paper).
     """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "mask", "masked_image_latents"]
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
