@@ -26,6 +26,7 @@ import os
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,20 @@ def sd15_asuka_dir() -> Path:
     return cached_pipeline_dir("sd15-random-asuka", write)
 
 
+def sd15_t2i_dir() -> Path:
+    """An SD-1.5-sized text-to-image ``StableDiffusionPipeline`` folder (4-channel UNet) with random weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from asuka.models.tiny import ddim_scheduler, sd15_text_encoder, sd15_unet, sd15_vae, tiny_tokenizer
+
+    def write(folder: Path) -> None:
+        StableDiffusionPipeline(vae=sd15_vae(), unet=sd15_unet(in_channels=4), text_encoder=sd15_text_encoder(),
+                                tokenizer=tiny_tokenizer(), scheduler=ddim_scheduler(), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+
+    return cached_pipeline_dir("sd15-random-t2i", write)
+
+
 # --------------------------------------------------------------------------------------------------- rows
 @dataclass
 class Row:
@@ -92,7 +107,17 @@ def row_asuka() -> Row:
     return Row("asuka", "sd", sd15_asuka_dir)
 
 
-ROWS: list[Callable[[], Row]] = [row_sd, row_asuka]
+def row_pilot() -> Row:
+    """``pilot`` against plain text-to-image sampling with the same SD-1.5-sized UNet, steps and CFG 7.5: the base is
+    ``pilot`` with every switch off (``num_gradient_ops=0, sbc=False``), which equals ``StableDiffusionPipeline`` bit
+    for bit (tests/test_pilot_pipeline.py, O1). ``op_interval = num_gradient_ops = 2`` keeps the paper's cost
+    structure (one gradient step per denoising step: 200 fwd+bwd for 200 steps) at any even ``--steps``."""
+    return Row("pilot", "pilot", sd15_t2i_dir, base_model=sd15_t2i_dir,
+               options={"op_interval": 2, "num_gradient_ops": 2},
+               base_options={"num_gradient_ops": 0, "sbc": False}, inputs={"prompt": "a photo"})
+
+
+ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot]
 """One entry per method: add yours here."""
 
 
@@ -137,6 +162,26 @@ def _weights_bytes(painter: Inpainter) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
+@contextmanager
+def _count_unet_calls(painter: Inpainter, counts: dict[bool, int]):
+    """Count the UNet's forward calls of one call into ``counts[grad_enabled]`` (a grad-enabled forward is
+    differentiated once: the backward count)."""
+    unet = getattr(getattr(painter.runner, "pipe", None), "unet", None)
+    if unet is None:
+        yield
+        return
+
+    def count(module, args, kwargs):
+        grad = torch.is_grad_enabled()
+        counts[grad] = counts.get(grad, 0) + 1
+
+    handle = unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _inputs(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (resolution, resolution, 3), np.uint8)
@@ -165,9 +210,11 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
     times: dict[str, list[float]] = {side: [] for side in painters}
     peaks: dict[str, int] = {side: 0 for side in painters}
     weights: dict[str, int] = {}
+    calls: dict[str, dict[bool, int]] = {side: {} for side in painters}
 
     def call(side: str) -> None:
-        with PeakMemory(device) as peak:
+        calls[side] = {}
+        with _count_unet_calls(painters[side], calls[side]), PeakMemory(device) as peak:
             start = time.perf_counter()
             painters[side](image, mask, inputs=inputs[side], seed=0)
             if device.type == "cuda":
@@ -176,7 +223,7 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
         peaks[side] = max(peaks[side], peak.peak)
 
     groups = [[side] for side in painters] if sequential else [list(painters)]
-    with torch.no_grad():  # not inference_mode: gradient-guided methods differentiate inside their call
+    with torch.no_grad():  # not inference_mode: gradient-based methods (PILOT) differentiate w.r.t. the latent
         for sides in groups:
             for side in sides:  # warm-up (and loading)
                 painters[side](image, mask, inputs=inputs[side], seed=0)
@@ -191,6 +238,8 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
         result[f"{side}_s"] = statistics.median(times[side])
         result[f"{side}_peak_gb"] = peaks[side] / 2**30
         result[f"{side}_weights_gb"] = weights[side] / 2**30
+        result[f"{side}_unet_forward"] = sum(calls[side].values())
+        result[f"{side}_unet_backward"] = calls[side].get(True, 0)
     result["time_ratio"] = result["method_s"] / result["base_s"]
     result["peak_ratio"] = result["method_peak_gb"] / max(result["base_peak_gb"], 1e-9)
     return result
@@ -200,11 +249,14 @@ def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device:
     lines = [f"Methods vs base, {resolution}², {steps} steps, batch 1, {device.type}, "
              f"{torch.get_num_threads()} threads, SD-1.5-sized random weights", "",
              "| method | base | s / image | base s / image | time ratio | peak GB (call) | base peak GB | "
-             "peak ratio | weights GB | base weights GB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak ratio | weights GB | base weights GB | UNet fwd (bwd) | base UNet fwd (bwd) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['method']} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
                      f"{r['time_ratio']:.2f} | {r['method_peak_gb']:.2f} | {r['base_peak_gb']:.2f} | "
-                     f"{r['peak_ratio']:.2f} | {r['method_weights_gb']:.2f} | {r['base_weights_gb']:.2f} |")
+                     f"{r['peak_ratio']:.2f} | {r['method_weights_gb']:.2f} | {r['base_weights_gb']:.2f} | "
+                     f"{r['method_unet_forward']} ({r['method_unet_backward']}) | "
+                     f"{r['base_unet_forward']} ({r['base_unet_backward']}) |")
     return "\n".join(lines)
 
 

@@ -135,6 +135,36 @@ def test_leftrefill_reads_learned_embeddings_from_pt_and_safetensors(tiny_inpain
     assert err.value.field == "options.prompt_embeds"
 
 
+def test_ip_adapter_plus_through_diffusers_load_ip_adapter(tiny_inpaint_dir, tensors, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from asuka.models.tiny_ip_adapter import save_tiny_ip_adapter
+    from asuka.pipelines.corrfill.runner import build
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_inpaint_dir, subfolder="unet")
+    folder = save_tiny_ip_adapter(tmp_path / "ipa", unet)
+    runner = build(tiny_inpaint_dir, device=torch.device("cpu"), dtype=torch.float32)
+    image, mask, reference = tensors
+    defaults = {**get_method("corrfill").spec.defaults(), **FAST}
+    images, masks = torch.cat([image, image.flip(-1)]), torch.cat([mask, mask])
+    references = torch.cat([reference, reference.flip(-1)])
+
+    def run(**kw):
+        return runner(images, masks, generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+                      progress_bar=False, reference=references, **{**defaults, "baseline": "ip-adapter-plus",
+                                                                   "ip_adapter": str(folder), **kw})
+
+    out = run()
+    assert runner.pipe.image_encoder is not None and torch.isfinite(out).all()
+    assert not torch.allclose(out, run(ip_adapter_scale=0.0))
+    side = runner(images, masks, generator=[torch.Generator().manual_seed(0) for _ in range(2)], progress_bar=False,
+                  reference=references, **{**defaults, "baseline": "side-by-side"})  # adapter unloaded again
+    assert getattr(runner.pipe.unet, "encoder_hid_proj", None) is None and torch.isfinite(side).all()
+    with pytest.raises(InputError) as err:
+        run(ip_adapter=None)
+    assert err.value.field == "options.ip_adapter"
+
+
 @pytest.fixture(scope="module")
 def pbe_dir(tmp_path_factory):
     from asuka.models.tiny_paint_by_example import save_tiny_paint_by_example
