@@ -123,7 +123,14 @@ def row_hd_painter() -> Row:
     return Row("hd-painter", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat"})
 
 
-ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter]
+def row_harmonpaint() -> Row:
+    """``harmonpaint`` (SAMS + steer loss + MAKVS, declared defaults) against SD-inpainting with the same SD-1.5-sized
+    UNet, steps and CFG 7.5. Use ``--steps 5`` (or 10, 50) for the paper's split: 40 % of the steps (t >= 600) are
+    structure steps with the steer loss's extra forward + backward."""
+    return Row("harmonpaint", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat on a lake"})
+
+
+ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter, row_harmonpaint]
 """One entry per method: add yours here."""
 
 
