@@ -35,6 +35,7 @@ class Subcommand:
 SUBCOMMANDS: list[str] = [
     "asuka.cli:INPAINT",
     "asuka.cli_evaluate:EVALUATE",
+    "asuka.cli_serve:SERVE",
 ]
 
 DEMO_SIZE = 256  # the demo photograph is resized to DEMO_SIZE x DEMO_SIZE

@@ -1,4 +1,4 @@
-"""Harmonizing-decoder training (ASUKA paper §3.3; specs/asuka.md §1.1.3, §1.2, §5 items 7, 8, 10, 11).
+"""Harmonizing-decoder training (ASUKA paper §3.3; the recipe of Asymmetric VQGAN, buxiangzhiren/Asymmetric_VQGAN ``ldm/models/autoencoder.py``, which ASUKA follows).
 
 Per iteration, for a batch ``image`` (B,3,H,W) in [-1,1] with hole masks from the ``asuka_train`` recipe:
 

@@ -3,7 +3,7 @@
 The tensor helpers it applies (padding, resizing, paste-back, uint8 conversion, :data:`MASK_THRESHOLD`) live in
 :mod:`asuka.tensors`; errors are :mod:`asuka.errors`'s.
 
-Conventions (DESIGN.md), applied once, at the boundary:
+Conventions (README "Conventions"), applied once, at the boundary:
 
 - **Images** become ``float32`` tensors ``(B, 3, H, W)`` in ``[-1, 1]``.
   Paths, PIL images and numpy arrays are API-edge formats: ``uint8`` is read as ``[0, 255]``, 16-bit
