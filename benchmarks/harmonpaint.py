@@ -20,6 +20,7 @@ shared and left out of both, which makes the ratio an upper bound). Then one end
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import threading
 import time
@@ -31,17 +32,22 @@ from asuka.attention import AttentionController, TokenMasks
 from asuka.models.tiny import ddim_scheduler, sd15_text_encoder, sd15_unet, sd15_vae, tiny_tokenizer
 from asuka.pipelines._sampling import Step, unet_input
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
-from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER
+from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS
 from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid
-from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook, forward_until, frozen
+from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook, frozen
 from asuka.pipelines.harmonpaint.schedule import StepPlan, plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask
 
 
 class PeakRSS:
-    """Peak resident memory (bytes) above the level at entry, sampled every 5 ms (Linux /proc)."""
+    """Peak resident memory (bytes) above the level at entry, sampled every 5 ms (Linux /proc); freed heap memory is
+    returned to the system first (glibc ``malloc_trim``), so the growth counts this stage's allocations."""
 
     def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
 

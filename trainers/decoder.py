@@ -46,7 +46,7 @@ from asuka.tensors import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.color_augment import color_jitter, sample_params
 from trainers.losses import NLayerDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss, kl_loss, nll_loss
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["DecoderModule", "vae_folder"]
 

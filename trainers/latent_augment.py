@@ -48,7 +48,7 @@ from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, d
                                manifest_splits, write_manifest)
 from asuka.tensors import to_numpy_uint8
 from trainers.checks import run_command
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
 

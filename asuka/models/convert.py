@@ -42,7 +42,7 @@ from asuka.models.mae import MAEPrior, sincos_pos_embed_2d
 
 
 # Encoder heads are not recoverable from weights; MAE's published sizes (ViT-B/L/H) fix them.
-_ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}
+_ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}  # ViT-B/L/H; other widths: 64-d heads, ViT's convention
 _DECODER_HEADS = 16
 _EXTRA_KEYS = ("decoder_patch_embed.proj.weight", "decoder_patch_embed.proj.bias", "alpha")
 
@@ -122,7 +122,8 @@ def mae_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, cls_to
         raise ValueError(f"{source}: pos_embed has {tokens} patch tokens, not a square grid")
     config = dict(
         img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
-        depth=_count_blocks(state_dict, "blocks"), num_heads=_ENCODER_HEADS.get(embed_dim),
+        depth=_count_blocks(state_dict, "blocks"),
+        num_heads=_ENCODER_HEADS.get(embed_dim, embed_dim // 64 if embed_dim % 64 == 0 else None),
         decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0],
         decoder_depth=_count_blocks(state_dict, "decoder_blocks"), decoder_num_heads=_DECODER_HEADS,
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,

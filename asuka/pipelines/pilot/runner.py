@@ -139,4 +139,4 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
         else:
             raise InputError(f"not found: {lora} (pass a LoRA .safetensors file or the folder holding it)",
                              "weights.lora")
-    return PilotRunner(pipe.to(device, dtype), lora=lora is not None)
+    return PilotRunner(pipe.to(device), lora=lora is not None)
