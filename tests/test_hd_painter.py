@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from asuka.errors import InputError
 from asuka.models.seeding import seeded
