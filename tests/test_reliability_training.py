@@ -280,7 +280,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_pat
     with pytest.warns(UserWarning, match=r"skipped last.ckpt \(unreadable .*resuming from .*step=4.ckpt"):
         assert _fit_here(tmp_path, "resume", config, "--ckpt_path", "last") == 0
     assert torch.load(last, weights_only=True)["global_step"] == 6  # rewritten whole
-    assert not list(ckpt.glob(".*.tmp"))
+    assert not list(ckpt.glob(".*"))  # no temporary file left
 
     capsys.readouterr()
     config["model"]["init_args"]["model"] = {**TINY_MAE, "embed_dim": 32}  # another model: mis-shaped tensors
