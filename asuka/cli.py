@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import sys
 import warnings
 from dataclasses import dataclass
-from functools import cache, partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+from asuka.options import STANDARD_ROLES
 from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HD_STRATEGIES, HDStrategy
 
 
@@ -35,7 +34,7 @@ class Subcommand:
 
 SUBCOMMANDS: list[str] = [
     "asuka.cli:INPAINT",
-    "asuka.evaluation.cli:EVALUATE",
+    "asuka.cli_evaluate:EVALUATE",
 ]
 
 DEMO_SIZE = 256  # the demo photograph is resized to DEMO_SIZE x DEMO_SIZE
@@ -56,6 +55,114 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that configure methods, shared by ``asuka inpaint`` and ``asuka evaluate``. With several methods
+    (``evaluate --method a,b``) ``--model``/``--decoder``/``--preset`` take ``METHOD=VALUE`` for one of them and
+    ``--set`` takes ``METHOD.KEY=VALUE``; unprefixed values apply to every method."""
+    g = p.add_argument_group("method options (declared by each method; see asuka inpaint --method NAME --describe)")
+    g.add_argument("--model", action="append", default=[], metavar="[METHOD=]DIR",
+                   help="weights folder or hub id (default: the method's; for sd the tiny offline pipeline)")
+    g.add_argument("--decoder", action="append", default=[], metavar="[METHOD=]DIR",
+                   help="autoencoder export folder or hub id (e.g. a HarmonizingDecoderKL) replacing the method's "
+                        "VAE; decodes with the image and mask")
+    g.add_argument("--preset", action="append", default=[], metavar="[METHOD=]NAME",
+                   help="named option values of the method (see --describe)")
+    g.add_argument("--set", dest="set_options", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="set a method option (repeatable; typed and range-checked; lists as a,b,c; none for unset)")
+    g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
+    g.add_argument("--guidance-scale", type=float, help="shortcut for --set guidance_scale=X")
+    g.add_argument("--seed", type=int, default=DEMO_SEED,
+                   help="random seed: every image gets its own generator seeded with it (default: 0)")
+    g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
+    for role in STANDARD_ROLE_FLAGS:
+        what = ("text for all images, or a .json/.txt file of per-stem texts" if STANDARD_ROLES[role] == "text"
+                else "image file for all images, or a folder matched by file stem")
+        g.add_argument(f"--{role.replace('_', '-')}", dest=f"input_{role}", help=f"{role.replace('_', ' ')}: {what}")
+    g.add_argument("--input", dest="inputs", action="append", default=[], metavar="ROLE=VALUE",
+                   help="any other input a method declares, given as the flags above")
+
+
+STANDARD_ROLE_FLAGS = ("prompt", "negative_prompt", "reference", "control", "ip_adapter_image")
+
+
+def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"{flag}: expected KEY=VALUE, got {pair!r}")
+        result[key.strip()] = value
+    return result
+
+
+def _per_method(values: Sequence[str], methods: Sequence[str], flag: str) -> dict[str, str | None]:
+    """``[METHOD=]VALUE`` entries -> each method's value (``None`` when not given)."""
+    result: dict[str, str | None] = {m: None for m in methods}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        targets = [name] if sep and name in methods else list(methods)
+        if sep and name in methods:
+            value = rest
+        for method in targets:
+            if result[method] is not None:
+                raise CommandError(f"{flag}: given twice for method {method!r}")
+            result[method] = value
+    return result
+
+
+def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: bool = False
+                    ) -> tuple[list[dict], dict[str, object]]:
+    """One :class:`~asuka.api.Inpainter` keyword dict per method, and the extra inputs given (by role), from the
+    method flags. Options are checked here (each method's declarations), before anything loads; text inputs naming
+    an existing .json/.txt file and image inputs become paths (per-stem tables / folders)."""
+    from asuka.errors import InputError
+    from asuka.pipelines._registry import get_method
+
+    models, decoders = _per_method(args.model, methods, "--model"), _per_method(args.decoder, methods, "--decoder")
+    presets = _per_method(args.preset, methods, "--preset")
+    entries = _key_values(args.set_options, "--set")
+    requests = []
+    for method in methods:
+        spec = get_method(method).spec
+        strings = {}
+        for key, value in entries.items():
+            target, dot, name = key.partition(".")
+            if dot and target in methods:
+                if target == method:
+                    strings[name] = value
+            else:
+                strings[key] = value
+        for flag, key, value in (("--steps", "num_inference_steps", args.steps),
+                                 ("--guidance-scale", "guidance_scale", args.guidance_scale)):
+            if value is not None:
+                if key not in spec.by_name:
+                    raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")
+                strings.setdefault(key, str(value))
+        values = {}
+        preset_values = spec.preset(presets[method]).values if presets[method] else {}
+        if demo and "num_inference_steps" in spec.by_name and "num_inference_steps" not in {**strings, **preset_values}:
+            values["num_inference_steps"] = DEMO_STEPS
+        request = dict(method=method, model=models[method], decoder=decoders[method], preset=presets[method],
+                       options=values, option_strings=strings)
+        try:
+            spec.resolve(request["preset"], values, strings)
+        except InputError as err:
+            if len(methods) == 1:
+                raise
+            raise InputError(f"method {method!r}: {err.message}", err.field) from None
+        requests.append(request)
+    given: dict[str, object] = {role: getattr(args, f"input_{role}") for role in STANDARD_ROLE_FLAGS
+                                if getattr(args, f"input_{role}") is not None}
+    given.update(_key_values(args.inputs, "--input"))
+    kinds = {i.role: i.kind for m in methods for i in get_method(m).spec.inputs}
+    for role, value in list(given.items()):
+        kind = kinds.get(role, STANDARD_ROLES.get(role))
+        path = Path(str(value))
+        if kind == "image" or path.suffix.lower() in (".json", ".txt") and path.is_file():
+            given[role] = path
+    return requests, given
+
+
 def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     hd = HDStrategy()
     p.add_argument("--image", help="image file or folder of images; without it, the demo runs on scikit-image's "
@@ -66,13 +173,9 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
                                  "demo); folder outputs are <stem>.png")
     p.add_argument("--method", default="sd", help="inference method (default: sd); see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
-    p.add_argument("--model", help="weights folder or hub id (default: the method's; for sd the tiny offline pipeline)")
-    p.add_argument("--steps", type=positive_int, help="number of inference steps (default: the method's, "
-                                                       f"50 for sd; {DEMO_STEPS} for the demo)")
-    p.add_argument("--seed", type=int, default=DEMO_SEED, help="random seed, per image (default: 0)")
-    p.add_argument("--prompt", help="text prompt (methods that take one)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the method's, "
-                                                        "7.5 for sd)")
+    p.add_argument("--describe", action="store_true", help="print the method's options, presets and inputs and exit")
+    p.add_argument("--json", action="store_true", help="with --describe: print them as a JSON schema")
+    add_method_arguments(p)
     p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the model's pixels outside the hole (default: known pixels are pasted back exactly)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -94,8 +197,7 @@ _SAVE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def _pairs(args: argparse.Namespace) -> list[tuple[str, object, object]]:
     """(output stem, image, mask) for every input; image/mask are paths or arrays (demo)."""
-    from asuka.errors import InputError, InputFileNotFoundError
-    from asuka.pipelines._common import list_image_files
+    from asuka.api import pair_files
 
     if args.image is None:
         if args.mask is not None:
@@ -104,29 +206,7 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, object, object]]:
         return [("astronaut", image, mask)]
     if args.mask is None:
         raise CommandError("--mask is required with --image (white = hole)")
-    image, mask = Path(args.image), Path(args.mask)
-    for flag, path in (("--image", image), ("--mask", mask)):
-        if not path.exists():
-            raise InputFileNotFoundError(f"{flag}: not found: {path} (check the path)")
-    if not image.is_dir():
-        if mask.is_dir():
-            mask = _match_mask(image, mask)
-        return [(image.stem, image, mask)]
-    images = list_image_files(image)
-    if not images:
-        raise InputError(f"--image: no image files in folder {image}")
-    return [(path.stem, path, _match_mask(path, mask) if mask.is_dir() else mask) for path in images]
-
-
-def _match_mask(image: Path, mask_dir: Path) -> Path:
-    from asuka.errors import InputFileNotFoundError
-    from asuka.pipelines._common import list_image_files
-
-    matches = [p for p in list_image_files(mask_dir) if p.stem == image.stem]
-    if not matches:
-        raise InputFileNotFoundError(f"--mask: no mask named {image.stem}.* in {mask_dir} for image {image.name} "
-                                     "(masks are matched by file stem; or pass one mask file for all images)")
-    return matches[0]
+    return pair_files(args.image, args.mask)
 
 
 def demo_inputs(size: int = DEMO_SIZE):
@@ -151,26 +231,6 @@ def _out_path(out: Path, stem: str, single: bool) -> Path:
     return out / f"{stem}.png"
 
 
-def method_options(runner, method: str, *, steps: int | None, prompt: str | None, guidance_scale: float | None,
-                   progress_bar: bool) -> dict[str, object]:
-    """Keyword options for a method's ``runner`` from the shared flags (``asuka inpaint`` and ``asuka evaluate``):
-    ``None`` values are left to the method's default; a flag the runner does not take is an error;
-    ``progress_bar`` is passed only where taken."""
-    params = inspect.signature(runner).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    given = {"--steps": ("num_inference_steps", steps), "--prompt": ("prompt", prompt),
-             "--guidance-scale": ("guidance_scale", guidance_scale), "": ("progress_bar", progress_bar)}
-    options = {}
-    for flag, (keyword, value) in given.items():
-        if value is None:
-            continue
-        if keyword in params or takes_any:
-            options[keyword] = value
-        elif flag:
-            raise CommandError(f"{flag}: method {method!r} does not take this option")
-    return options
-
-
 def _quiet_loading() -> None:
     """No weight-loading progress bars from diffusers/transformers (the step bar stays)."""
     import diffusers
@@ -180,18 +240,50 @@ def _quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def list_methods() -> str:
+    """``--list-methods``: every method with its description; a method whose module fails to import is listed as
+    unavailable with the reason. Torch-free."""
+    from asuka.pipelines._registry import available_methods, get_method, unavailable_methods
+
+    lines = [f"{name}: {get_method(name).description}" for name in available_methods()]
+    lines += [f"{name}: unavailable ({reason})" for name, reason in unavailable_methods().items()]
+    return "\n".join(lines)
+
+
+def describe(method: str, as_json: bool = False) -> str:
+    """``--describe [--json]``: the method's options, presets and inputs as tables or a JSON schema. Torch-free."""
+    import json
+
+    from asuka.pipelines._registry import get_method
+
+    registered = get_method(method)
+    if as_json:
+        return json.dumps(registered.spec.schema(method, registered.description), indent=2)
+    return f"{method}: {registered.description}\n\n{registered.spec.text()}"
+
+
 def _run_inpaint(args: argparse.Namespace) -> int:
-    import torch
+    if args.list_methods:
+        print(list_methods())
+        return 0
+    if args.json and not args.describe:
+        raise CommandError("--json goes with --describe")
+    if args.describe:
+        print(describe(args.method, args.json))
+        return 0
     from tqdm.auto import tqdm
 
-    from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil
-    from asuka.pipelines._registry import available_methods, get_method
+    from asuka.api import Inpainter, image_size, per_stem_inputs
+    from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, to_pil
 
-    if args.list_methods:
-        for name in available_methods():
-            print(f"{name}: {get_method(name).description}")
-        return 0
     demo = args.image is None
+    [request], given = method_requests(args, [args.method], demo=demo)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
+    painter = Inpainter(**request, device=args.device)  # options checked here, nothing loaded yet
     pairs = _pairs(args)
     out = Path(args.out or ("outputs/demo" if demo else "outputs"))
     single = demo or not Path(args.image).is_dir()
@@ -199,31 +291,20 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     for (_, image_in, _), target in zip(pairs, targets):
         if isinstance(image_in, Path) and target.resolve() == image_in.resolve():
             raise CommandError(f"--out: writing {target} would overwrite the input image; choose another --out")
+    aligned = any(i.aligned and i.role in given for i in painter.spec.inputs)
+    sizes = {stem: image_size(image) if isinstance(image, Path) else image.shape[1::-1]
+             for stem, image, _ in pairs} if aligned else None
+    inputs = per_stem_inputs(painter.spec, [stem for stem, _, _ in pairs], given, sizes=sizes)
     hd = HDStrategy(args.hd_strategy, args.hd_trigger_size, args.hd_margin, args.hd_resize_limit)
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
-    method = get_method(args.method)
-
-    @cache
-    def runner():  # loaded at the first image with a hole: inputs are checked first; no hole needs no model
-        _quiet_loading()
-        run = method.load(args.model, device=device)
-        return run, method_options(run, args.method, steps=args.steps or (DEMO_STEPS if demo else None),
-                                   prompt=args.prompt, guidance_scale=args.guidance_scale,
-                                   progress_bar=len(pairs) == 1)
 
     for (stem, image_in, mask_in), target in tqdm(list(zip(pairs, targets)), desc="inpaint", unit="image",
                                                    disable=len(pairs) == 1):
         image, mask = prepare_inputs(load_image(image_in, name=f"--image {stem}"),
                                      load_mask(mask_in, name=f"--mask {stem}"))
-        result = image  # no hole: written unchanged, and the model is not even loaded
-        if bool(mask.any()):
-            run, options = runner()
-            result = run_inpainting(partial(run, generator=torch.Generator().manual_seed(args.seed), **options),
-                                    image, mask, paste_back=args.paste_back, multiple=run.multiple, hd_strategy=hd,
-                                    max_size=args.max_size)
+        if bool(mask.any()) and "runner" not in painter.__dict__:
+            _quiet_loading()  # loaded at the first image with a hole: no hole needs no model
+        result = painter(image, mask, inputs=inputs[stem], seed=args.seed, paste_back=args.paste_back,
+                         hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1)
         target.parent.mkdir(parents=True, exist_ok=True)
         to_pil(result)[0].save(target)
         if demo:
@@ -258,16 +339,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
 
 
 def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
-    """The command-line spelling of a library field (:class:`~asuka.errors.InputError`'s ``field``): a
-    ``options.KEY`` field is ``--set KEY``, an ``inputs.ROLE`` field ``--ROLE``, a field that is an argument's
-    ``dest`` that argument's flag; anything else is printed as is."""
+    """The command-line spelling of a library field (:class:`~asuka.errors.InputError`'s ``field``): ``options.KEY``
+    is ``--set KEY``, ``inputs.ROLE`` the role's flag (``--input ROLE`` for roles without one), a field that is an
+    argument's ``dest`` that argument's flag; anything else is printed as is."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     head, _, key = field.partition(".")
     if head == "options" and key:
         return f"--set {key}"
     if head == "inputs" and key:
-        field = key
-    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
-    return flags.get(field, flags.get(field.replace("-", "_"), field))
+        return flags.get(f"input_{key}", f"--input {key}")
+    return flags.get(field, field)
 
 
 def error_line(err: Exception, parser: argparse.ArgumentParser) -> str:

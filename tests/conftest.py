@@ -25,3 +25,11 @@ def tiny_inpaint_dir_768(tmp_path_factory):
     from asuka.models.tiny import save_tiny_sd_inpaint
 
     return save_tiny_sd_inpaint(tmp_path_factory.mktemp("tiny-sd-inpaint-768"), cross_attention_dim=768)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_fill_dir(tmp_path_factory):
+    """A complete tiny ``FluxFillPipeline`` folder (384-channel transformer, 16-channel FLUX AE, CLIP + T5)."""
+    from asuka.models.tiny_flux import save_tiny_flux_fill
+
+    return save_tiny_flux_fill(tmp_path_factory.mktemp("tiny-flux-fill"))

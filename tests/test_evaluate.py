@@ -97,22 +97,33 @@ class NoiseRunner:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, image, mask, *, generator):
+    def __call__(self, image, mask, *, generator, progress_bar):
         self.calls += 1
         assert isinstance(generator, list) and len(generator) == image.shape[0]
         return torch.stack([torch.rand(image.shape[1:], generator=g) * 2 - 1 for g in generator])
 
 
-def test_predict_is_resumable_and_independent_of_batch_size(misato, tmp_path):
+def _painter(monkeypatch, runner, name="noise-test"):
+    from asuka.api import Inpainter
+    from asuka.pipelines import _registry as registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.register_method(name, build=lambda model, **_: runner, default_model="none")
+    return Inpainter(name)
+
+
+def test_predict_is_resumable_and_independent_of_batch_size(misato, tmp_path, monkeypatch):
     items = list(enumerate(discover(misato)))
     runner = NoiseRunner()
-    assert predict(items, tmp_path / "b1", runner, batch_size=1, seed=3, progress=False) == 5
+    painter = _painter(monkeypatch, runner)
+    assert predict(items, tmp_path / "b1", painter, batch_size=1, seed=3, progress=False) == 5
     assert runner.calls == 5
-    assert predict(items, tmp_path / "b1", runner, batch_size=1, seed=3, progress=False) == 0  # resumed: nothing
+    assert predict(items, tmp_path / "b1", painter, batch_size=1, seed=3, progress=False) == 0  # resumed: nothing
     assert runner.calls == 5
     (tmp_path / "b1" / "0500.png").unlink()
-    assert predict(items, tmp_path / "b1", runner, batch_size=2, seed=3, progress=False) == 1
-    assert predict(items, tmp_path / "b3", NoiseRunner(), batch_size=3, seed=3, progress=False) == 5
+    assert predict(items, tmp_path / "b1", painter, batch_size=2, seed=3, progress=False) == 1
+    assert predict(items, tmp_path / "b3", _painter(monkeypatch, NoiseRunner(), "noise-test-2"), batch_size=3, seed=3,
+                   progress=False) == 5
     for _, item in items:
         a = np.asarray(Image.open(tmp_path / "b1" / f"{item.key}.png"))
         b = np.asarray(Image.open(tmp_path / "b3" / f"{item.key}.png"))

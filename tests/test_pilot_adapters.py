@@ -123,3 +123,55 @@ def test_harmonizing_decoder_decodes_with_image_and_mask(sd_dir):
     finally:
         handle.remove()
     assert calls == [True] and out.shape == (1, 3, SIZE, SIZE)
+
+
+def test_ip_adapter_is_wrapped_not_dropped_and_its_image_branch_acts_under_sbc(sd_dir, tmp_path):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from asuka.attention import AttentionController
+    from asuka.models.tiny_ip_adapter import load_tiny_ip_adapter, save_tiny_ip_adapter
+    from asuka.pipelines.pilot import controls as ctl
+    from asuka.pipelines.pilot.objective import latent_hole_mask
+
+    pipe = _load(sd_dir)
+    load_tiny_ip_adapter(pipe, save_tiny_ip_adapter(tmp_path / "ipa", pipe.unet))
+    from asuka.pipelines._common import to_pil
+
+    reference = to_pil(_inputs()[2])[0]  # as diffusers: PIL/numpy go through the CLIP image processor
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0].shape[0], k["added_cond_kwargs"]["image_embeds"][0].shape[0])),
+        with_kwargs=True)
+    try:
+        pipe.set_ip_adapter_scale(0.6)
+        with_image = _run(pipe, ip_adapter_image=reference)
+    finally:
+        handle.remove()
+    assert seen == [(1, 1), (2, 2)] * 2  # the gradient pass gets the conditional image embeddings only
+    assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in pipe.unet.attn_processors.items()
+               if n.endswith("attn2.processor"))  # restored after the call
+    pipe.set_ip_adapter_scale(0.0)
+    assert not torch.allclose(with_image, _run(pipe, ip_adapter_image=reference))
+
+    # SBC masks the text attention only: background rows still receive the image branch
+    image, mask, _ = _inputs()
+    embeds, _ = pipe.encode_prompt(["a cat"], "cpu", 1, False)
+    image_embeds = pipe.prepare_ip_adapter_image_embeds(reference, None, "cpu", 1, False)
+    hole = latent_hole_mask(mask, (SIZE // 8, SIZE // 8))
+    z = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for scale in (0.0, 0.6):
+        pipe.set_ip_adapter_scale(scale)
+        controller = AttentionController(pipe.unet)
+        cross = controller.layers.select(kind="cross")
+        controller.add(ctl.BoundaryControl(ctl.hole_token_masks(hole)), cross)
+        layer = cross[0]
+        handle = layer.module.to_out[0].register_forward_pre_hook(lambda m, a: outputs.update({scale: a[0]}))
+        try:
+            with controller, torch.no_grad():
+                controller.state.phase = ctl.GUIDED_PHASE
+                pipe.unet(z, 500, encoder_hidden_states=embeds, added_cond_kwargs={"image_embeds": image_embeds})
+        finally:
+            handle.remove()
+    background = ctl.hole_token_masks(hole).at(layer.grid((SIZE // 8, SIZE // 8)))[0] == 0
+    assert not torch.allclose(outputs[0.6][0, background], outputs[0.0][0, background])

@@ -31,23 +31,23 @@ def test_register_method_from_another_module(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
 
     @register_method("identity-test", default_model=lambda: "weights-dir")
-    def build(model, *, device, dtype):
+    def build(model, *, device, dtype, vae):
         """Returns the input unchanged."""
 
         class Identity:
             multiple = 8
 
-            def __call__(self, image, mask, *, generator=None):
+            def __call__(self, image, mask, *, generator, progress_bar):
                 return image
 
-        assert (model, device, dtype) == ("weights-dir", torch.device("cpu"), torch.float32)
+        assert (model, device, dtype, vae) == ("weights-dir", torch.device("cpu"), torch.float32, None)
         return Identity()
 
     method = get_method("identity-test")
     assert method.description == "Returns the input unchanged." and method.load().multiple == 8
     register_method("identity-test")(build)  # the same builder again (module re-import) is fine
     with pytest.raises(ValueError, match="already registered"):
-        register_method("identity-test")(lambda model, *, device, dtype: None)
+        register_method("identity-test")(lambda model, *, device, dtype, vae: None)
     no_default = register_method("no-default-test")(build)
     with pytest.raises(InputError, match="model: method 'no-default-test' has no default weights"):
         get_method("no-default-test").load()
@@ -70,15 +70,15 @@ def test_sd_runner_matches_diffusers_pipeline(tiny_inpaint_dir):
     mask = np.zeros((48, 64), np.uint8)
     mask[10:30, 20:50] = 255
     runner = get_method("sd").load(tiny_inpaint_dir)
-    kwargs = dict(num_inference_steps=2, guidance_scale=7.5, prompt="a cup of coffee")
-    ours = run_inpainting(lambda x, m: runner(x, m, generator=torch.Generator().manual_seed(3), progress_bar=False,
-                                              **kwargs), photo, mask, paste_back=False)
+    kwargs = dict(num_inference_steps=2, guidance_scale=7.5)
+    ours = run_inpainting(lambda x, m: runner(x, m, generator=[torch.Generator().manual_seed(3)], progress_bar=False,
+                                              prompt=["a cup of coffee"], **kwargs), photo, mask, paste_back=False)
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint_dir, safety_checker=None,
                                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(image=Image.fromarray(photo), mask_image=Image.fromarray(mask), height=48, width=64,
-               generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).images
+               generator=torch.Generator().manual_seed(3), output_type="np", prompt="a cup of coffee", **kwargs).images
     ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 2 - 1
     assert ours.shape == ref.shape == (1, 3, 48, 64)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)

@@ -3,8 +3,8 @@
 A control is an :class:`AttentionControl` subclass that overrides only the hooks it needs. The
 controlled processor asks every control installed on a layer, at every call of that layer:
 
-1. :meth:`~AttentionControl.active` (a plain Python bool: a timestep, phase or flag test, never a
-   tensor test). When no control of a layer is active, the layer runs the processor it had before
+1. :meth:`~AttentionControl.active` ``(layer, state)`` (a plain Python bool: a timestep, phase or
+   flag test, never a tensor test). When no control of a layer is active, the layer runs the processor it had before
    (diffusers' own SDPA processor, an IP-Adapter processor, ...), untouched.
 2. :meth:`~AttentionControl.keys_values` - extend or replace keys and values (HarmonPaint's MAKVS).
 3. :meth:`~AttentionControl.score_bias` - an additive pre-softmax edit (−inf masks or finite
@@ -180,8 +180,8 @@ class AttentionControl:
     read: Read | None = None
     needs_block_input: bool = False
 
-    def active(self, call: AttentionCall) -> bool:
-        """Whether this control acts on this call (Python-level; never test tensor values here)."""
+    def active(self, layer: AttentionLayer, state: CallState) -> bool:
+        """Whether this control acts on this call of ``layer`` (Python values only; never test tensors here)."""
         return True
 
     def keys_values(self, call: AttentionCall, key: torch.Tensor, value: torch.Tensor

@@ -324,8 +324,9 @@ def _add_ip_adapter(ip, attn, query, hidden_states, ip_hidden_states, ip_adapter
             scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
             images = [(states[:, i], scales[i], mask[:, i]) for i in range(mask.shape[1])]
         for image_states, image_scale, image_mask in images:
-            ip_key = split_heads(to_k_ip(image_states), heads)
-            ip_value = split_heads(to_v_ip(image_states), heads)
+            # image states may be (B, tokens, C) or (B, images, tokens, C): flatten tokens as diffusers does
+            ip_key = to_k_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            ip_value = to_v_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
             out = torch.nn.functional.scaled_dot_product_attention(query, ip_key, ip_value)
             out = merge_heads(out).to(query.dtype)
             if image_mask is not None:

@@ -14,17 +14,17 @@ from asuka.pipelines._common import load_image, to_pil
 
 from .dataset import EvalItem, find_prediction, load_pair
 
-# column order of the Markdown table; metrics that are absent are left out
-_COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "u_ids", "p_ids",
+# column order of the Markdown tables; metrics that are absent are left out
+COLUMNS = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "u_ids", "p_ids",
             "grad", "clip", "psnr_known", "ssim_known")
 _PERCENT = {"u_ids", "p_ids"}
-_LABELS = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips_alex": "LPIPS-alex↓", "lpips_vgg": "LPIPS-vgg↓",
+LABELS = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips_alex": "LPIPS-alex↓", "lpips_vgg": "LPIPS-vgg↓",
            "lpips_squeeze": "LPIPS-squeeze↓", "fid": "FID↓", "kid_mean": "KID↓", "u_ids": "U-IDS(%)↑",
            "p_ids": "P-IDS(%)↑", "grad": "Grad↓", "clip": "CLIP↑", "psnr_known": "PSNR known↑",
            "ssim_known": "SSIM known↑"}
 
 
-def _cell(name: str, value) -> str:
+def cell(name: str, value) -> str:
     if value is None:
         return "–"
     return f"{100 * value:.2f}" if name in _PERCENT else f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}"
@@ -35,12 +35,12 @@ def markdown_table(summary: dict, title: str = "") -> str:
     rows = [("overall", summary["overall"])]
     rows += [(f"domain: {k}", v) for k, v in summary.get("by_domain", {}).items()]
     rows += [(f"hole {k}", v) for k, v in summary.get("by_hole_ratio", {}).items()]
-    columns = [c for c in _COLUMNS if any(c in r for _, r in rows)]
+    columns = [c for c in COLUMNS if any(c in r for _, r in rows)]
     lines = [f"# {title}", ""] if title else []
-    lines.append("| subset | n | " + " | ".join(_LABELS[c] for c in columns) + " |")
+    lines.append("| subset | n | " + " | ".join(LABELS[c] for c in columns) + " |")
     lines.append("|---|---:|" + "---:|" * len(columns))
     for label, row in rows:
-        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(cell(c, row.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -261,6 +261,9 @@ def _ldm_vae_key(key: str, num_levels: int) -> str:
                  lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", key)
     key = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.",
                  lambda m: f"{m.group(1)}.mid_block.attentions.0.{_LDM_ATTENTION[m.group(2)]}.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.attn\.(\d+)\.(norm|q|k|v|proj_out)\.",
+                 lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.attentions.{m.group(2)}."
+                           f"{_LDM_ATTENTION[m.group(3)]}.", key)
     key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
     key = re.sub(r"^decoder\.encoder\.layers\.", "decoder.condition_encoder.layers.", key)
     return key.replace(".nin_shortcut.", ".conv_shortcut.")
@@ -282,7 +285,7 @@ def convert_ldm_harmonizing_decoder(state_dict: Mapping[str, torch.Tensor]) -> d
         if key.startswith(_LDM_DROPPED_PREFIXES):
             continue
         new = _ldm_vae_key(key, max(levels) + 1)
-        if ".mid_block.attentions.0.to_" in new and new.endswith("weight") and value.ndim == 4:
+        if re.search(r"\.attentions\.\d+\.to_", new) and new.endswith("weight") and value.ndim == 4:
             value = value[:, :, 0, 0]
         out[new] = value
     return out
@@ -295,15 +298,18 @@ def _count(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
 def harmonizing_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Read ``HarmonizingDecoderKL`` widths from a diffusers-named state dict (decoder, and encoder if present)."""
     needed = ("decoder.conv_in.weight", "decoder.conv_out.weight", "decoder.condition_encoder.layers.0.weight",
-              "decoder.up_blocks.0.resnets.0.conv1.weight")
+              "decoder.condition_encoder.layers.1.weight", "decoder.up_blocks.0.resnets.0.conv1.weight")
     missing = [k for k in needed if k not in state_dict]
     if missing:
         raise StateDictMismatchError("decoder state dict", "HarmonizingDecoderKL", missing, [], [],
                                      "not a conditional (Asymmetric VQGAN / ASUKA) decoder checkpoint")
     levels = _count(state_dict, r"decoder\.up_blocks\.(\d+)\.")
     up = [state_dict[f"decoder.up_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+    attention = [any(k.startswith(f"decoder.up_blocks.{i}.attentions.") for k in state_dict) for i in range(levels)]
+    first, second = (state_dict[f"decoder.condition_encoder.layers.{i}.weight"] for i in (0, 1))
     config = dict(
-        up_block_types=("UpDecoderBlock2D",) * levels,
+        up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attention),
+        gate_conv=first.shape[0] == 2 * second.shape[1],  # gated convs have twice the outputs the next conv reads
         up_block_out_channels=tuple(reversed(up)),
         layers_per_up_block=_count(state_dict, r"decoder\.up_blocks\.0\.resnets\.(\d+)\.") - 1,
         latent_channels=state_dict["decoder.conv_in.weight"].shape[1],
@@ -320,6 +326,19 @@ def harmonizing_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -
             in_channels=state_dict["encoder.conv_in.weight"].shape[1],
         )
     return config
+
+
+FLUX_SCALING_FACTOR = 0.3611  # FLUX.1 AE (BFL ``AutoEncoderParams``; diffusers' FLUX vae config)
+FLUX_SHIFT_FACTOR = 0.1159
+
+
+def _latent_factors(vae: Optional[AutoencoderKL], latent_channels: int) -> dict:
+    """``scaling_factor`` / ``shift_factor`` of ``vae``, else FLUX's for 16 latent channels, else none (SD's)."""
+    if vae is not None:
+        return {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor")}
+    if latent_channels == 16:
+        return {"scaling_factor": FLUX_SCALING_FACTOR, "shift_factor": FLUX_SHIFT_FACTOR}
+    return {}
 
 
 def load_harmonizing_decoder_checkpoint(
@@ -342,7 +361,12 @@ def load_harmonizing_decoder_checkpoint(
     ``z_channels`` 4. Every model parameter must come from the checkpoint (or ``vae``) and every
     checkpoint key must be used; otherwise :class:`StateDictMismatchError` lists the missing, unexpected and
     mis-shaped names.
-    ``config`` overrides other ``HarmonizingDecoderKL`` settings (e.g. ``scaling_factor``).
+    Latent scaling: ``vae``'s ``scaling_factor`` / ``shift_factor`` when given, else FLUX's (0.3611 / 0.1159, the
+    values ``AutoEncoder.my_decode`` uses) for 16 latent channels, else SD's 0.18215 without shift.
+    The official decoder's ``gate_conv`` and ``attn_resolutions`` are read off the weights (gated convs have twice
+    the outputs; ``decoder.up.{i}.attn.{j}.*`` keys become ``AttnUpDecoderBlock2D`` levels); ``tanh_out`` leaves no
+    trace in the weights: pass ``tanh_out=True`` for checkpoints trained with it.
+    ``config`` overrides other ``HarmonizingDecoderKL`` settings (e.g. ``scaling_factor``, ``tanh_out``).
     """
     raw, source_name = _read_any(checkpoint, "state_dict", "decoder state dict")
     converted = convert_ldm_harmonizing_decoder(raw)
@@ -356,11 +380,16 @@ def load_harmonizing_decoder_checkpoint(
         inferred.update(down_block_types=tuple(vae.config.down_block_types), in_channels=vae.config.in_channels,
                         down_block_out_channels=tuple(base.config.down_block_out_channels),
                         layers_per_down_block=base.config.layers_per_down_block,
-                        norm_num_groups=vae.config.norm_num_groups, scaling_factor=vae.config.scaling_factor)
+                        norm_num_groups=vae.config.norm_num_groups)
         converted = {**source, **converted}
+    inferred.update(_latent_factors(vae, inferred["latent_channels"]))
+    if vae is not None:
+        inferred["norm_num_groups"] = vae.config.norm_num_groups
     if mask_downsample is None:
         mask_downsample = "area_any" if inferred["condition_channels"] == inferred["out_channels"] + 1 else "nearest"
     model = HarmonizingDecoderKL(**{**inferred, **config, "mask_downsample": mask_downsample})
+    if not identity_quant_convs and vae is not None and getattr(vae, "quant_conv", None) is None:
+        identity_quant_convs = "quant_conv.weight" not in converted  # the FLUX AE has no quant convs
     if identity_quant_convs:
         for name in ("quant_conv", "post_quant_conv"):
             weight = getattr(model, name).weight
@@ -416,3 +445,49 @@ def aligner_from_asuka_flux(checkpoint: Union[PathLike, Mapping[str, torch.Tenso
     return load_strict(model, converted, source=source,
                        hint="the FLUX port's alignment module (nn.Sequential: Linear, SingleStreamBlockAsuka x N, "
                             "LayerNorm) is expected").eval()
+
+
+# ---------------------------------------------------------------------------------------------- ASUKA-FLUX release
+ASUKA_FLUX_RELEASE_FILES = {"mae": "mae_300.pth", "aligner_clip": "asuka_alignment_clip.pt",
+                            "aligner_t5": "asuka_alignment_t5.pt", "decoder": "asuka_decoder.ckpt",
+                            "null_pooled": "vec.pt", "null_text": "txt_256.pt"}
+
+
+def read_tensor(path: PathLike) -> torch.Tensor:
+    """A single tensor saved with ``torch.save`` (the release's ``vec.pt`` / ``txt_256.pt``), read with
+    ``weights_only=True`` on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist (pass the path of a torch.save'd tensor)")
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{str(path)!r} holds a {type(value).__name__}, expected a tensor")
+    return value
+
+
+def convert_asuka_flux_release(release: PathLike, flux_fill: PathLike, out: PathLike, *,
+                               mae_options: Optional[dict] = None, torch_dtype: Optional[torch.dtype] = None,
+                               **load_kwargs) -> Path:
+    """The released ``yikaiwang/ASUKA-FLUX.1-Fill`` folder (``mae_300.pth``, ``asuka_alignment_{clip,t5}.pt``,
+    ``asuka_decoder.ckpt``, ``vec.pt``, ``txt_256.pt``) + a diffusers FLUX.1-Fill-dev folder or hub id ->
+    an :class:`~asuka.pipelines.asuka_flux.AsukaFluxFillPipeline` ``save_pretrained`` folder at ``out``.
+
+    Every part loads strictly (the MAE, both heads with their unused ``modulation`` layers, the decoder with FLUX's
+    encoder, ``scaling_factor`` 0.3611 and ``shift_factor`` 0.1159). ``mae_options``: ``MAEPrior`` config entries
+    (the release is ViT-B/16 with the official options off). Returns ``out``.
+    """
+    from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline
+
+    release = Path(release)
+    files = {name: release / file for name, file in ASUKA_FLUX_RELEASE_FILES.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the ASUKA-FLUX release folder lacks {', '.join(missing)}")
+    pipe = AsukaFluxFillPipeline.from_parts(
+        flux_fill, mae=files["mae"], aligner_clip=files["aligner_clip"], aligner_t5=files["aligner_t5"],
+        decoder=files["decoder"], null_embeddings=(files["null_pooled"], files["null_text"]), mae_options=mae_options,
+        torch_dtype=torch_dtype,
+        **load_kwargs)
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out

@@ -30,6 +30,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import MaskConditionDecoder, MaskConditionEncoder
 # diffusers resolves a model_index.json entry's load method through this module-level name:
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from torch import nn
 
 from asuka.models.checkpointing import run_module
 
@@ -61,17 +62,39 @@ def decoder_widths(encoder_channels: tuple[int, ...], width: str) -> tuple[tuple
     return tuple(int(round(c * factor)) for c in encoder_channels), layers
 
 
-class HarmonizingConditionEncoder(MaskConditionEncoder):
-    """diffusers' ``MaskConditionEncoder`` whose first conv optionally also reads the mask (ASUKA)."""
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """ASUKA's gated convolution output (``Conditionencoder`` with ``gate_conv=True``): the first half of the
+    channels times ``clamp(1 - tanh(second half), 0, 1)``."""
+    value, gate_logits = x.chunk(2, dim=1)
+    return value * (1 - torch.tanh(gate_logits)).clamp(0, 1)
 
-    def __init__(self, image_channels: int, out_ch: int, res_ch: int, concat_mask: bool) -> None:
+
+class HarmonizingConditionEncoder(MaskConditionEncoder):
+    """diffusers' ``MaskConditionEncoder`` whose first conv optionally also reads the mask (ASUKA), optionally with
+    gated convolutions (ASUKA's ``gate_conv``: every conv has twice the outputs, gated by :func:`gate`)."""
+
+    def __init__(self, image_channels: int, out_ch: int, res_ch: int, concat_mask: bool,
+                 gate_conv: bool = False) -> None:
         super().__init__(in_ch=image_channels + int(concat_mask), out_ch=out_ch, res_ch=res_ch)
         self.concat_mask = concat_mask
+        self.gate_conv = gate_conv
+        if gate_conv:
+            self.layers = nn.Sequential(*(
+                nn.Conv2d(conv.in_channels, 2 * conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+                for conv in self.layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Features keyed by ``str(tuple(shape))``, stored before the ReLU between layers (as diffusers/ASUKA)."""
         if self.concat_mask:
             x = torch.cat([x, mask.to(x.dtype)], dim=1)
-        return super().forward(x)
+        out = {}
+        for layer in self.layers:
+            x = layer(x)
+            if self.gate_conv:
+                x = gate(x)
+            out[str(tuple(x.shape))] = x
+            x = torch.relu(x)
+        return out
 
 
 class HarmonizingMaskConditionDecoder(MaskConditionDecoder):
@@ -82,13 +105,15 @@ class HarmonizingMaskConditionDecoder(MaskConditionDecoder):
     with the full-resolution mask.
     """
 
-    def __init__(self, *, condition_channels: int, mask_downsample: MaskDownsample, **kwargs) -> None:
+    def __init__(self, *, condition_channels: int, mask_downsample: MaskDownsample, gate_conv: bool = False,
+                 tanh_out: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         block_out_channels = kwargs["block_out_channels"]
         self.mask_downsample = mask_downsample
+        self.tanh_out = tanh_out
         self.condition_encoder = HarmonizingConditionEncoder(
             image_channels=kwargs["out_channels"], out_ch=block_out_channels[0], res_ch=block_out_channels[-1],
-            concat_mask=condition_channels == kwargs["out_channels"] + 1)
+            concat_mask=condition_channels == kwargs["out_channels"] + 1, gate_conv=gate_conv)
 
     def forward(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 latent_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,7 +132,8 @@ class HarmonizingMaskConditionDecoder(MaskConditionDecoder):
         if conditioned:
             sample = sample * mask + features[str(tuple(sample.shape))] * (1 - mask)
         sample = self.conv_norm_out(sample) if latent_embeds is None else self.conv_norm_out(sample, latent_embeds)
-        return self.conv_out(self.conv_act(sample))
+        sample = self.conv_out(self.conv_act(sample))
+        return torch.tanh(sample) if self.tanh_out else sample
 
 
 class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
@@ -120,6 +146,13 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
 
     Defaults: SD-1.5's VAE layout with SD's decoder width, ASUKA's 4-channel condition and
     ``area_any`` mask downsampling.
+
+    ``shift_factor`` is the latent shift of diffusers' ``AutoencoderKL`` (FLUX: 0.1159 with ``scaling_factor``
+    0.3611): pipelines decode ``latents / scaling_factor + shift_factor`` (``None`` = no shift, SD). The official
+    ASUKA decoder options (``asuka-flux/ldm/modules/diffusionmodules/asuka_decoder.py``) map as:
+    ``gate_conv`` = gated condition-encoder convolutions (:func:`gate`); ``tanh_out`` = ``tanh`` on the output;
+    ``attn_resolutions`` = ``"AttnUpDecoderBlock2D"`` in ``up_block_types`` for those levels (one single-head
+    attention after every ResNet, as the official ``AttnBlock``; :func:`up_block_types_for`).
     """
 
     _supports_gradient_checkpointing = True
@@ -142,6 +175,9 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
         scaling_factor: float = 0.18215,
         condition_channels: int = 4,
         mask_downsample: MaskDownsample = "area_any",
+        shift_factor: float | None = None,
+        gate_conv: bool = False,
+        tanh_out: bool = False,
     ) -> None:
         if condition_channels not in (out_channels, out_channels + 1):
             raise ValueError(f"condition_channels must be out_channels ({out_channels}, masked image only, "
@@ -158,7 +194,8 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
         self.decoder = HarmonizingMaskConditionDecoder(
             in_channels=latent_channels, out_channels=out_channels, up_block_types=tuple(up_block_types),
             block_out_channels=tuple(up_block_out_channels), layers_per_block=layers_per_up_block, act_fn=act_fn,
-            norm_num_groups=norm_num_groups, condition_channels=condition_channels, mask_downsample=mask_downsample)
+            norm_num_groups=norm_num_groups, condition_channels=condition_channels, mask_downsample=mask_downsample,
+            gate_conv=gate_conv, tanh_out=tanh_out)
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -189,7 +226,8 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
                  ) -> "HarmonizingDecoderKL":
         """Initialise from an SD ``AutoencoderKL`` or an ``AsymmetricAutoencoderKL`` (specs §3 [infer]).
 
-        Encoder, ``quant_conv`` and ``post_quant_conv`` are always copied (a VAE built without quant
+        Encoder, ``quant_conv`` and ``post_quant_conv`` are always copied (and ``scaling_factor`` /
+        ``shift_factor``) (a VAE built without quant
         convs gets identity 1x1 convs, which computes the same). The decoder is copied when
         ``decoder_width`` is None or gives the source's width; otherwise it starts fresh. From an
         ``AsymmetricAutoencoderKL`` the condition encoder is copied too; from a plain VAE it is new.
@@ -217,6 +255,7 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
                     up_block_out_channels=up, layers_per_up_block=layers_up, act_fn=cfg.act_fn,
                     latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
                     sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor,
+                    shift_factor=cfg.get("shift_factor"),
                     condition_channels=condition_channels, mask_downsample=mask_downsample)
         if vae.dtype != model.dtype:
             model.to(dtype=vae.dtype)
@@ -244,6 +283,14 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
             raise ValueError(f"vae has parameters HarmonizingDecoderKL does not know: {unexpected}")
         model.load_state_dict(copied, strict=False)
         return model
+
+
+def up_block_types_for(attn_resolutions: tuple[int, ...] | list[int], resolution: int, levels: int) -> tuple[str, ...]:
+    """diffusers ``up_block_types`` (lowest resolution first) for the official decoder's ``attn_resolutions`` at its
+    training ``resolution`` with ``levels`` levels: a level at ``resolution / 2**k`` gets ``AttnUpDecoderBlock2D``
+    when that size is listed."""
+    sizes = [resolution // 2 ** (levels - 1 - i) for i in range(levels)]
+    return tuple("AttnUpDecoderBlock2D" if size in set(attn_resolutions) else "UpDecoderBlock2D" for size in sizes)
 
 
 def identity_conv1x1(weight: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,13 @@ Parameter names follow MAE-FAR's checkpoint layout one to one, so ``convert.py``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -90,43 +90,106 @@ def patch_coverage(mask: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, t
     return patches.amax(dim=-1) > 0.5, patches.amin(dim=-1) > 0.5
 
 
-def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (B, C, H, W) like ``cv2.INTER_AREA``: box averaging when shrinking, antialiased bilinear otherwise.
+def _area_weights(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) weights of ``cv2.INTER_AREA`` along one axis when shrinking: output pixel ``d`` averages the source
+    interval ``[d·s, (d+1)·s)`` (``s = src/dst``), each source pixel weighted by its overlap (fractional at the ends),
+    divided by ``s`` (OpenCV ``computeResizeAreaTab``)."""
+    scale = src / dst
+    start = torch.arange(dst, dtype=torch.float64)[:, None] * scale
+    pixel = torch.arange(src, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(start + scale, pixel + 1) - torch.maximum(start, pixel)).clamp_min(0)
+    return overlap / overlap.sum(dim=1, keepdim=True)
 
-    ``F.interpolate(mode="area")`` equals ``cv2.INTER_AREA`` exactly for integer factors; for fractional
-    factors it averages integer bins (a close approximation). When either side grows, antialiased
-    bilinear interpolation is used (``cv2.INTER_AREA`` also falls back to bilinear when enlarging).
+
+def _area_linear_weights(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) weights of ``cv2.INTER_AREA`` along one axis when the image grows on some axis: OpenCV then runs
+    its 2-tap linear resampler with area coefficients, ``sx = floor(d·s)``, ``fx = (d+1) - (sx+1)/s`` and
+    ``fx = 0 if fx <= 0 else frac(fx)``, weights ``1-fx`` on ``sx`` and ``fx`` on ``sx+1`` (clamped at the border)."""
+    inv_scale = dst / src
+    scale = 1.0 / inv_scale
+    out = torch.zeros(dst, src, dtype=torch.float64)
+    for d in range(dst):
+        sx = math.floor(d * scale)
+        fx = (d + 1) - (sx + 1) * inv_scale
+        fx = 0.0 if fx <= 0 else fx - math.floor(fx)
+        fx = float(torch.tensor(fx, dtype=torch.float32))  # OpenCV stores the coefficient as float
+        if sx >= src - 1:
+            sx, fx = src - 1, 0.0
+        out[d, sx] += 1 - fx
+        if fx:
+            out[d, sx + 1] += fx
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _inter_area_matrices(size_in: tuple[int, int], size_out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (H', H), columns (W', W)) float64 CPU matrices of ``cv2.resize(INTER_AREA)`` (separable in both paths)."""
+    (h, w), (oh, ow) = size_in, size_out
+    weights = _area_weights if oh <= h and ow <= w else _area_linear_weights
+    return weights(h, oh), weights(w, ow)
+
+
+def _nearest_indices(src: int, dst: int) -> list[int]:
+    """``cv2.INTER_NEAREST``'s source index per output pixel: ``min(floor(d · (1 / (dst/src))), src - 1)`` in double
+    precision, OpenCV's exact rounding (torch's ``"nearest"`` differs where ``d·src/dst`` is an integer)."""
+    scale = 1.0 / (dst / src)
+    return [min(math.floor(d * scale), src - 1) for d in range(dst)]
+
+
+def resize_mask_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (B, C, H, W) exactly like ``cv2.resize(..., interpolation=cv2.INTER_NEAREST)``: two index gathers."""
+    h, w = mask.shape[-2:]
+    rows = torch.tensor(_nearest_indices(h, int(size[0])), device=mask.device)
+    cols = torch.tensor(_nearest_indices(w, int(size[1])), device=mask.device)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (B, C, H, W) exactly like ``cv2.resize(..., interpolation=cv2.INTER_AREA)`` on float input.
+
+    Shrinking on both axes averages each output pixel's source box with fractional weights at its edges; otherwise
+    (the image grows on an axis) OpenCV falls back to its linear resampler with area coefficients on both axes — both
+    rules are reproduced (:func:`_area_weights`, :func:`_area_linear_weights`) as two batched matrix products on
+    ``x``'s device and dtype (float32 accumulation; uint8 sources rounded by OpenCV differ by at most half a level).
     """
     h, w = x.shape[-2:]
-    if (h, w) == tuple(size):
+    size = (int(size[0]), int(size[1]))
+    if (h, w) == size:
         return x
-    if size[0] <= h and size[1] <= w:
-        return F.interpolate(x, size=size, mode="area")
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    rows, cols = _inter_area_matrices((h, w), size)
+    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = rows.to(device=x.device, dtype=compute)
+    cols = cols.to(device=x.device, dtype=compute)
+    return (rows @ x.to(compute) @ cols.T).to(x.dtype)
 
 
-def preprocess(image: torch.Tensor, mask: torch.Tensor, size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """ASUKA's MAE input preprocessing (``misato_dataset.prepare_data``), on tensors.
+def preprocess(image: torch.Tensor, mask: torch.Tensor, size: int = 256,
+               known_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASUKA's MAE input preprocessing (``asuka-flux/datas/misato_dataset.py::prepare_data``), on tensors.
 
     ``image`` (B, 3, H, W) in [-1, 1] and ``mask`` (B, 1, H, W), 1 = hole, of any size, binarised at 0.5. The
-    mask is resized with nearest neighbour (``cv2.INTER_NEAREST`` = torch ``"nearest"``); the image is resized
-    to ``size``² with :func:`resize_image` (``INTER_AREA``) and ImageNet-normalised; hole pixels are set to 0
-    in the normalised space. Non-square inputs are squashed (as the official code does).
+    mask is resized with nearest neighbour (:func:`resize_mask_nearest`, ``cv2.INTER_NEAREST``); the image is resized
+    to ``size``² with :func:`resize_image` (``cv2.INTER_AREA``, exact at every size) and ImageNet-normalised;
+    hole pixels are set to 0 in the normalised space. Non-square inputs are squashed (as the official code does).
 
-    One deviation, for exact invariance to hole content: the official code resizes the *full* image, so
-    hole colours bleed into known pixels next to the hole at 256². Here the resize is mask-normalised
-    (``resize(image·known) / resize(known)``), i.e. only known pixels are averaged; away from the hole
-    boundary (and for inputs already at ``size``²) the result equals the official one.
+    ``known_only`` (default True, ours): the resize is mask-normalised, ``resize(image·known) / resize(known)``,
+    so only known pixels are averaged and hole content cannot leak into known pixels next to the hole (exact
+    invariance to hole content). Away from the hole (and for inputs already at ``size``²) it equals the official
+    resize. ``known_only=False``: the official full-image resize (hole colours bleed into the known pixels
+    within one source box of the hole).
     Returns ``(x_norm_masked (B, 3, size, size), mask (B, 1, size, size) in {0, 1})``.
     """
     _check_image_mask(image, mask)
     mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     hole = (mask > 0.5).to(image.dtype)
-    known = 1 - hole
-    weight = resize_image(known, (size, size))
-    x = resize_image((image + 1) / 2 * known, (size, size)) / weight.clamp_min(1e-6)
-    m = F.interpolate(hole, size=(size, size), mode="nearest")
+    if known_only:
+        known = 1 - hole
+        weight = resize_image(known, (size, size))
+        x = resize_image((image + 1) / 2 * known, (size, size)) / weight.clamp_min(1e-6)
+    else:
+        x = resize_image((image + 1) / 2, (size, size))
+    m = resize_mask_nearest(hole, (size, size))
     x = (x - mean) / std
     return x * (1 - m), m
 
@@ -240,6 +303,8 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.T
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+ALL_HOLE_MODES = ("zeros", "mask_token")
+
 NO_DECAY_NAMES = ("mask_token", "alpha", "pos_embed", "decoder_pos_embed")
 
 
@@ -281,6 +346,22 @@ class MAEPrior(ModelMixin, ConfigMixin):
     before the features are read (6 of 8, ASUKA / MAE-FAR issue #20). ``norm_pix_loss`` records whether the
     decoder predicts per-patch normalised pixels (official MAE ``*_full`` checkpoints) instead of the
     ImageNet-normalised image; it is the default target of :meth:`forward_train`.
+
+    Official inference options (ASUKA-FLUX ``MAE/models_mae.py``):
+
+    * ``mask_concat`` (``mae_mask_concat``, off in the release): the features get one more channel, the patch's
+      "touched by the hole" flag, so they are (B, L, decoder_embed_dim + 1).
+    * ``all_hole``: when every patch is touched by the hole the official encoder attends to no key and gives NaN,
+      and ``test_asuka_flux.py`` replaces the features by zeros — ``"zeros"`` (default) reproduces that per sample
+      (the official check zeroes the whole batch when any sample is NaN; batch-independent here). ``"mask_token"``
+      (ours) lets such tokens attend to every key, so the decoder sees exactly ``mask_token`` (+ the alpha mix) and
+      position embeddings: finite features that still depend on nothing hidden.
+    * ``resize_known_only``: :func:`preprocess`'s ``known_only`` (True: ours, hole colours cannot bleed into known
+      pixels; False: the official full-image ``cv2.INTER_AREA`` resize).
+
+    MAE-FAR's ``mask_decoder`` needs no option: in the official ``Attention`` it masks only the attention *scores*
+    the module returns (discarded), never the attention that computes the features, so checkpoints and outputs
+    with ``mask_decoder=True`` are those of this model.
     """
 
     _supports_gradient_checkpointing = True
@@ -289,7 +370,8 @@ class MAEPrior(ModelMixin, ConfigMixin):
     def __init__(self, img_size: int = 256, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
-                 feature_layer: int = 6, norm_pix_loss: bool = False):
+                 feature_layer: int = 6, norm_pix_loss: bool = False, mask_concat: bool = False,
+                 all_hole: str = "zeros", resize_known_only: bool = True):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
@@ -297,6 +379,8 @@ class MAEPrior(ModelMixin, ConfigMixin):
             raise ValueError(f"feature_layer must be in [0, decoder_depth={decoder_depth}], got {feature_layer}")
         if in_chans != 3:
             raise ValueError(f"in_chans must be 3 (RGB), got {in_chans}")
+        if all_hole not in ALL_HOLE_MODES:
+            raise ValueError(f"all_hole must be one of {ALL_HOLE_MODES}, got {all_hole!r}")
         grid = img_size // patch_size
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
@@ -354,7 +438,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
 
     @property
     def feature_dim(self) -> int:
-        return self.config.decoder_embed_dim
+        return self.config.decoder_embed_dim + int(self.config.mask_concat)
 
     # -- building blocks --------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
@@ -420,10 +504,10 @@ class MAEPrior(ModelMixin, ConfigMixin):
         Hole pixels never influence the result (they only enter touched patches, whose encoder outputs are
         replaced by ``mask_token`` and whose decoder embedding sees ``x·(1-mask)``).
 
-        All-hole inputs (every patch touched): the official code gets NaN from the encoder and zeroes the
-        features. Here the decoder input is exactly ``mask_token`` (plus the alpha mix with the visible
-        pixels of partially masked patches) + position embedding for every token, so the features and the
-        image are finite and independent of the image content (for a fully covered image).
+        All-hole inputs (every patch touched): with ``all_hole="zeros"`` (default, official) the features are
+        zero. With ``"mask_token"`` the decoder input is exactly ``mask_token`` (plus the alpha mix with the
+        visible pixels of partially masked patches) + position embedding for every token, so the features are
+        finite and independent of the image content. The image is computed the second way in both modes.
         """
         self._check_input(x, mask)
         mask = mask.to(x.dtype)
@@ -431,6 +515,10 @@ class MAEPrior(ModelMixin, ConfigMixin):
         tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)
         latent = self.encode(tokens, ~touched)
         features, pred = self.decode(latent, touched, x, mask, feature_layer, predict=return_image)
+        if self.config.mask_concat:
+            features = torch.cat([features, touched[..., None].to(features.dtype)], dim=-1)
+        if self.config.all_hole == "zeros":
+            features = features.masked_fill(touched.all(dim=1)[:, None, None], 0.0)
         if pred is None or self.config.norm_pix_loss:
             return MAEPriorOutput(features=features, image=None)
         return MAEPriorOutput(features=features, image=unpatchify(pred, self.config.patch_size))
@@ -453,7 +541,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         param = self.patch_embed.proj.weight
         image = image.to(device=param.device)
         mask = mask.to(device=param.device)
-        x, m = preprocess(image.float(), mask.float(), self.config.img_size)
+        x, m = preprocess(image.float(), mask.float(), self.config.img_size, self.config.resize_known_only)
         out = self.forward(x.to(param.dtype), m.to(param.dtype), return_image=return_image)
         if out.image is not None:
             out.image = postprocess(out.image.float(), tuple(image.shape[-2:])).to(image.dtype)

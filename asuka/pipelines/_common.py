@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -307,7 +307,7 @@ def mask_to_pil(m: torch.Tensor) -> Image.Image | list[Image.Image]:
 
 
 # --------------------------------------------------------------------------------------------- inference
-InpaintFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+InpaintFn = Callable[..., torch.Tensor]  # (image, mask, **per_item) -> image
 
 
 def run_inpainting(
@@ -320,8 +320,9 @@ def run_inpainting(
     working_size: tuple[int, int] | None = None,
     hd_strategy: HDStrategy | str = "crop",
     max_size: int | None = DEFAULT_MAX_SIZE,
+    per_item: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """The one inference entry point every method goes through.
+    """The image geometry every method goes through (driven by :mod:`asuka.api`).
 
     ``model(image, mask) -> image`` takes and returns (b,3,h,w) in [-1,1] with (b,1,h,w) masks, h and w
     multiples of ``multiple``. Steps: load and check inputs (:func:`prepare_inputs`); items whose mask has no
@@ -331,6 +332,10 @@ def run_inpainting(
     the full image; finally, with ``paste_back`` on (default), known pixels are pasted back exactly
     (:func:`asuka.tensors.paste_back`); with it off, pixels outside the processed region are still the input's.
     Returns (B,3,H,W) in [-1,1].
+
+    ``per_item`` (optional): per-item extras passed on as ``model(x, m, **extras)``: ``None`` stays ``None``, a list of
+    ``B`` values keeps the items that reach the model, and a ``(B,C,H,W)`` tensor the image's size (an aligned input,
+    e.g. a control image) is cropped, resized and padded exactly like the image.
     """
     image, mask = prepare_inputs(image, mask)
     strategy = hd_strategy if isinstance(hd_strategy, HDStrategy) else HDStrategy(name=hd_strategy)
@@ -338,11 +343,15 @@ def run_inpainting(
     if todo.numel() == 0:
         return image.clone()
     img, msk = image[todo], mask[todo]
+    keep = todo.tolist()
+    extras = {role: None if value is None else [value[i] for i in keep] if isinstance(value, (list, tuple))
+              else _aligned(value, image, role)[todo] for role, value in (per_item or {}).items()}
 
     box = crop_region(msk, strategy)
     if box is not None:
         top, bottom, left, right = box
         img, msk = img[..., top:bottom, left:right], msk[..., top:bottom, left:right]
+        extras = {role: v[..., top:bottom, left:right] if torch.is_tensor(v) else v for role, v in extras.items()}
     region = tuple(img.shape[-2:])
     size = working_size or resize_target(*region, strategy) or region
     if max_size is not None:
@@ -351,7 +360,9 @@ def run_inpainting(
     x, m = resize_image(img, size), resize_mask(msk, size)
     x, pad = pad_to_multiple(x, multiple, mode="reflect")
     m, _ = pad_to_multiple(m, multiple, mode="constant")
-    out = model(x, m)
+    extras = {role: pad_to_multiple(resize_image(v, size), multiple, mode="reflect")[0] if torch.is_tensor(v) else v
+              for role, v in extras.items()}
+    out = model(x, m, **extras)
     if tuple(out.shape) != tuple(x.shape):
         raise RuntimeError(f"inpainting model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
     out = resize_image(crop_padding(out.to(image.device, torch.float32), pad), region)
@@ -362,6 +373,14 @@ def run_inpainting(
     else:
         result[todo, :, top:bottom, left:right] = out
     return _paste_back(result, image, mask) if paste_back else result
+
+
+def _aligned(value: torch.Tensor, image: torch.Tensor, role: str) -> torch.Tensor:
+    """An aligned per-item input: ``(B,C,H,W)`` with the image's batch and size (a batch of 1 is broadcast)."""
+    if value.ndim != 4 or value.shape[-2:] != image.shape[-2:] or value.shape[0] not in (1, image.shape[0]):
+        raise InputError(f"shape {tuple(value.shape)} does not match the image's {tuple(image.shape)}; pass an image "
+                         f"of the same size ({image.shape[-1]}x{image.shape[-2]})", f"inputs.{role}")
+    return value.to(image.device, torch.float32).expand(image.shape[0], -1, -1, -1)
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

@@ -1,46 +1,62 @@
-"""One registry of inference methods by name (``sd``, ``asuka``, ...), used by ``asuka inpaint --method NAME``
-and ``asuka evaluate --method NAME``.
+"""One registry of inference methods by name (``sd``, ``asuka``, ...), used by ``asuka inpaint``, ``asuka evaluate``,
+the Python API (:mod:`asuka.api`) and the server. Torch-free: listing methods and describing them imports no torch.
 
-A method joins with one decorator in its own module, which must be ``asuka/pipelines/<name>.py``
-(dashes in the name become underscores) so it is found and imported only when asked for::
+A method joins with one :func:`register_method` call in its own *torch-free* module, ``asuka/pipelines/<name>.py`` or
+the package ``asuka/pipelines/<name>/__init__.py`` (dashes in the name become underscores), so it is found by name and
+imported only when asked for. The call declares the method's options, presets and extra inputs
+(:mod:`asuka.options`) and names its builder as ``"module:function"``, imported only when the method is loaded::
 
-    # asuka/pipelines/mymethod.py
+    # asuka/pipelines/mymethod/__init__.py   (imports nothing heavy)
+    from asuka.options import Input, Option, Preset
     from asuka.pipelines._registry import register_method
 
-    @register_method("mymethod", default_model=lambda: "org/weights", description="one line")
-    def build(model: str, *, device: torch.device, dtype: torch.dtype) -> InpaintRunner:
-        ...
+    register_method(
+        "mymethod", build="asuka.pipelines.mymethod.pipeline:build", default_model=lambda: "org/weights",
+        description="one line",
+        options=[Option("num_inference_steps", "int", 50, "denoising steps", "paper §4.1", min=1)],
+        inputs=[Input("prompt", "text", "text prompt", default="")],
+        presets=[Preset("fast", {"num_inference_steps": 20}, "fewer steps")],
+    )
 
-A builder loads the weights named by ``model`` (a folder or a hub id; :func:`resolve_model` checks a diffusers
-pipeline one) and returns an :class:`InpaintRunner`:
-a callable ``runner(image (B,3,H,W) [-1,1], mask (B,1,H,W) {0,1}, *, generator, **options) -> (B,3,H,W) [-1,1]``
-with an attribute ``multiple`` (the size multiple it needs, 8 or 64). ``options`` are the method's own knobs
-(``num_inference_steps``, ``prompt``, ``guidance_scale``...); a runner rejects ones it does not know. Runners
-are driven through :func:`asuka.pipelines._common.run_inpainting`, which does the I/O, sizes and paste-back.
+Modules and packages of ``asuka/pipelines`` whose name starts with ``_`` are infrastructure, never methods.
+
+**Builder**: ``build(model, *, device, dtype, vae) -> runner``; ``model`` is a folder or hub id (checked with
+:func:`resolve_model`), ``vae`` is ``None`` (keep the model's own) or an autoencoder module to use instead (e.g. a
+``HarmonizingDecoderKL``: decode with the image and mask, see ``asuka.pipelines._sampling.decode``).
+
+**Runner**: ``runner(image, mask, *, generator, progress_bar, **options, **inputs) -> image`` with an attribute
+``multiple`` (the size multiple it needs, 8 or 64). ``image`` is ``(B,3,H,W)`` in [-1,1], ``mask`` ``(B,1,H,W)`` in
+{0,1} (1 = hole), ``generator`` a list of ``B`` ``torch.Generator`` (one per item), ``options`` every declared
+option's resolved value, ``inputs`` every declared input by role: text -> a list of ``B`` strings (``None`` when
+not given and without default); aligned image -> a ``(B,3,H,W)`` tensor in [-1,1] processed like ``image``; other
+image -> a list of ``B`` ``(1,3,h,w)`` tensors in [-1,1] (``None`` when not given). Runners are driven through
+:mod:`asuka.api` (I/O, per-item inputs, seeds, HD strategy, paste-back).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pkgutil
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from asuka.errors import InputError
+from asuka.options import Input, MethodSpec, Option, Preset
 
 if TYPE_CHECKING:
     import torch
 
+
 class InpaintRunner(Protocol):
-    """What a method's builder returns."""
+    """What a method's builder returns (see the module docstring for the call contract)."""
 
     multiple: int
 
-    def __call__(self, image: "torch.Tensor", mask: "torch.Tensor", *, generator: "torch.Generator | None" = None,
-                 **options: Any) -> "torch.Tensor": ...
+    def __call__(self, image: "torch.Tensor", mask: "torch.Tensor", *, generator: "list[torch.Generator]",
+                 progress_bar: bool, **options_and_inputs: Any) -> "torch.Tensor": ...
 
 
 Builder = Callable[..., InpaintRunner]
@@ -48,7 +64,7 @@ Builder = Callable[..., InpaintRunner]
 
 class PipelineRunner:
     """Base of runners that wrap a diffusers pipeline returning [0, 1] images: holds ``pipe`` and turns one call
-    of it into ``(B,3,H,W)`` in [-1, 1]; subclasses spell out their options in ``__call__`` (the CLI reads them)."""
+    of it into ``(B,3,H,W)`` in [-1, 1]; subclasses spell out their options in ``__call__``."""
 
     multiple = 8
 
@@ -61,26 +77,43 @@ class PipelineRunner:
         return self.pipe(**call_kwargs, output_type="pt").images.to(like) * 2 - 1
 
 
+def _import_attribute(reference: str) -> Any:
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 @dataclass(frozen=True)
 class InpaintMethod:
-    """A registered method: its name, builder, default weights and a one-line description."""
+    """A registered method: its name, builder (a callable or ``"module:function"``), default weights, one-line
+    description and declarations (:class:`~asuka.options.MethodSpec`)."""
 
     name: str
-    build: Builder
-    default_model: Callable[[], str | Path] | None = None
+    build: Builder | str
+    default_model: Callable[[], str | Path] | str | None = None
     description: str = ""
+    spec: MethodSpec = field(default_factory=MethodSpec)
+
+    def builder(self) -> Builder:
+        return _import_attribute(self.build) if isinstance(self.build, str) else self.build
 
     def load(self, model: str | Path | None = None, *, device: "torch.device | str" = "cpu",
-             dtype: "torch.dtype | None" = None) -> InpaintRunner:
-        """Build the runner from ``model`` (a folder or hub id; the method's default when ``None``)."""
+             dtype: "torch.dtype | None" = None, decoder: Any = None) -> InpaintRunner:
+        """Build the runner from ``model`` (a folder or hub id; the method's default when ``None``), its VAE
+        replaced by ``decoder`` (a loaded autoencoder or an export folder / hub id) when given."""
         import torch
 
         if model is None:
             if self.default_model is None:
                 raise InputError(f"method {self.name!r} has no default weights; pass a folder or hub id", "model")
-            model = self.default_model()
+            model = self.default_model() if callable(self.default_model) else self.default_model
+        dtype = dtype or torch.float32
+        if isinstance(decoder, (str, Path)):
+            from asuka.weights import load_autoencoder
+
+            decoder = load_autoencoder(decoder, dtype=dtype, field="decoder")
+        build = self.builder()
         try:
-            return self.build(model, device=torch.device(device), dtype=dtype or torch.float32)
+            return build(model, device=torch.device(device), dtype=dtype, vae=decoder)
         except InputError:
             raise
         except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
@@ -88,21 +121,12 @@ class InpaintMethod:
                              "model") from err
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_model(model: str | Path, *, name: str = "model") -> str:
-    """A local diffusers pipeline folder or a hub id (``org/name``), checked before diffusers sees it (for
-    builders whose weights are a diffusers pipeline)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise InputError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder written "
-                             "by save_pretrained or a hub id such as org/name", name)
-        return str(path)
-    if isinstance(model, str) and _HUB_ID.match(model):
-        return model
-    raise InputError(f"folder not found: {model} (pass an existing pipeline folder or a hub id org/name)", name)
+    """A local diffusers pipeline folder (holding ``model_index.json``) or a hub id, checked before diffusers sees it
+    (:func:`asuka.weights.resolve_pretrained`)."""
+    from asuka.weights import resolve_pretrained
+
+    return resolve_pretrained(model, field=name, marker="model_index.json", what="diffusers pipeline")
 
 
 def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **kwargs: Any) -> Any:
@@ -119,24 +143,44 @@ def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **
 
 
 _METHODS: dict[str, InpaintMethod] = {}
+_UNAVAILABLE: dict[str, str] = {}  # method module name -> why it failed to import
 
 
-def register_method(name: str, *, default_model: Callable[[], str | Path] | None = None,
-                    description: str = "") -> Callable[[Builder], Builder]:
-    """Decorator registering ``build(model, *, device, dtype) -> InpaintRunner`` under ``name``."""
+def register_method(name: str, *, build: Builder | str | None = None,
+                    default_model: Callable[[], str | Path] | str | None = None, description: str = "",
+                    options: Sequence[Option] = (), inputs: Sequence[Input] = (),
+                    presets: Sequence[Preset] = ()) -> Any:
+    """Register method ``name``: its builder (``"module:function"``, or a callable), default weights, description
+    and declarations. Returns the :class:`InpaintMethod`; without ``build`` it is a decorator for the builder
+    function (returned unchanged). Invalid declarations raise ``ValueError`` at registration."""
+    if build is None:
+        def decorator(function: Builder) -> Builder:
+            register_method(name, build=function, default_model=default_model, description=description,
+                            options=options, inputs=inputs, presets=presets)
+            return function
 
-    def decorator(build: Builder) -> Builder:
-        if name in _METHODS and _METHODS[name].build is not build:
-            raise ValueError(f"inference method {name!r} is already registered by {_METHODS[name].build.__module__}")
-        _METHODS[name] = InpaintMethod(name, build, default_model, description or (build.__doc__ or "").strip()
-                                       .split("\n")[0])
-        return build
-
-    return decorator
+        return decorator
+    if not description and callable(build):
+        description = (build.__doc__ or "").strip().split("\n")[0]
+    method = InpaintMethod(name, build, default_model, description, MethodSpec(options, inputs, presets))
+    previous = _METHODS.get(name)
+    if previous is not None and previous.build is not build and previous.build != build:
+        where = previous.build if isinstance(previous.build, str) else previous.build.__module__
+        raise ValueError(f"inference method {name!r} is already registered by {where}")
+    _METHODS[name] = method
+    return method
 
 
 def _module_for(name: str) -> str:
     return f"asuka.pipelines.{name.replace('-', '_')}"
+
+
+def _import_method_module(module: str) -> None:
+    """Import a method module; a failure is remembered (and listed) instead of raised."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - any broken method module must not break the others
+        _UNAVAILABLE[module.rpartition(".")[2]] = f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def get_method(name: str) -> InpaintMethod:
@@ -144,20 +188,35 @@ def get_method(name: str) -> InpaintMethod:
     if name not in _METHODS:
         module = _module_for(name)
         if name.replace("-", "_").isidentifier() and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+            _import_method_module(module)
+            reason = _UNAVAILABLE.get(module.rpartition(".")[2])
+            if name not in _METHODS and reason:
+                raise InputError(f"method {name!r} is unavailable: its module {module} failed to import ({reason})",
+                                 "method")
     if name not in _METHODS:
         raise InputError(f"unknown inference method {name!r}; available: {', '.join(available_methods())}", "method")
     return _METHODS[name]
 
 
-def available_methods() -> list[str]:
-    """Names of all methods, importing every method module of ``asuka.pipelines``."""
+def _discover() -> None:
     import asuka.pipelines as package
 
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):  # _common, _registry, _hd...: infrastructure, not methods
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            _import_method_module(f"{package.__name__}.{info.name}")
+
+
+def available_methods() -> list[str]:
+    """Names of the methods that import, importing every method module of ``asuka.pipelines``."""
+    _discover()
     return sorted(_METHODS)
 
 
-__all__ = ["InpaintMethod", "InpaintRunner", "PipelineRunner", "register_method", "get_method", "available_methods", "resolve_model"]
+def unavailable_methods() -> dict[str, str]:
+    """Method modules that failed to import -> the reason (``ExceptionType: message``)."""
+    _discover()
+    return {name: reason for name, reason in sorted(_UNAVAILABLE.items()) if name not in _METHODS}
+
+
+__all__ = ["InpaintMethod", "InpaintRunner", "PipelineRunner", "register_method", "get_method", "available_methods",
+           "unavailable_methods", "resolve_model", "load_pipeline"]

@@ -40,21 +40,21 @@ class BoundaryControl(AttentionControl):
 
     def __init__(self, masks: TokenMasks):
         self.masks = masks
-        self._cols: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # built once per grid, batch and keys
 
     def active(self, layer, state) -> bool:
         return state.phase in (GRADIENT_PHASE, GUIDED_PHASE)
 
     def prob_weight(self, call):
-        hole = self.masks.for_call(call)  # (B', N)
-        rows = torch.stack([torch.ones_like(hole), hole], dim=-1)[:, None]  # (B', 1, N, 2)
         keys = call.key.shape[2]
-        cache_key = (keys, hole.device)
-        if cache_key not in self._cols:
-            bos = torch.zeros(keys, device=hole.device)
+        cache_key = (call.grid, call.batch_size, call.state.cfg, keys)
+        if cache_key not in self._weights:
+            hole = self.masks.for_call(call)  # (B', N)
+            rows = torch.stack([torch.ones_like(hole), hole], dim=-1)[:, None]  # (B', 1, N, 2)
+            bos = torch.zeros(keys, device=hole.device, dtype=hole.dtype)
             bos[0] = 1
-            self._cols[cache_key] = torch.stack([bos, 1 - bos], dim=-1)[None, None]  # (1, 1, keys, 2)
-        return rows, self._cols[cache_key]
+            self._weights[cache_key] = rows, torch.stack([bos, 1 - bos], dim=-1)[None, None]  # cols (1, 1, keys, 2)
+        return self._weights[cache_key]
 
 
 class CentralisationRecorder(AttentionControl):

@@ -396,6 +396,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
              "given but no IP-Adapter is loaded; call pipe.load_ip_adapter(...) first"),
             (self.controlnet is None or control_image is not None, "control_image",
              "the pipeline has a controlnet but no control_image was given"),
+            (getattr(self.unet, "encoder_hid_proj", None) is None or ip_adapter_image is not None
+             or ip_adapter_image_embeds is not None, "ip_adapter_image",
+             "an IP-Adapter is loaded but no ip_adapter_image was given"),
         ]
         for ok, field, message in checks:
             if not ok:

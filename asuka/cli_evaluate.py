@@ -1,10 +1,12 @@
-"""``asuka evaluate``: argument parsing only at import time (the work is imported inside ``run``)."""
+"""``asuka evaluate``: argument parsing only at import time (the work, :mod:`asuka.evaluation`, is imported inside
+``run``; the evaluation package itself never imports the CLI)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from asuka.cli import Subcommand, positive_int
+from asuka.cli import CommandError, Subcommand, add_method_arguments, method_requests, positive_int
 from asuka.evaluation import METRICS as _METRIC_NAMES
 
 
@@ -19,8 +21,10 @@ def _metric_list(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to evaluate")
     source = what.add_mutually_exclusive_group()
-    source.add_argument("--method", help="run this registered method (see `asuka inpaint --list-methods`); outputs "
-                                         "go to OUT/predictions and finished ones are not recomputed")
+    source.add_argument("--method", help="run this registered method, or several a,b,c over the same items and seeds "
+                                         "with one comparative report (see `asuka inpaint --list-methods`); outputs "
+                                         "go to OUT/predictions (OUT/<method>/predictions for several) and finished "
+                                         "ones are not recomputed")
     source.add_argument("--predictions", help="score outputs made elsewhere: a folder of <key>.png (same stems and "
                                               "sizes as the ground-truth images)")
     what.add_argument("--merge", action="store_true", help="only merge OUT/shards (after `--shard i/n` jobs) and "
@@ -32,12 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--out", required=True, help="output folder (predictions, shard results, reports)")
     what.add_argument("--limit", type=positive_int, help="evaluate only the first N items (quick checks)")
 
-    run = p.add_argument_group("running a method")
-    run.add_argument("--model", help="weights folder or hub id (default: the method's)")
-    run.add_argument("--steps", type=positive_int, help="inference steps (default: the method's)")
-    run.add_argument("--prompt", help="text prompt, for methods that take one")
-    run.add_argument("--guidance-scale", type=float, help="guidance scale (default: the method's)")
-    run.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    add_method_arguments(p)
+    run = p.add_argument_group("running")
     run.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available, else cpu)")
     run.add_argument("--shard", help="this process's part i/n (0-based) for independent jobs; under torchrun the "
@@ -74,12 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from asuka.cli import CommandError
-
-    from .distributed import parse_shard
-    from .report import markdown_table
-    from .runner import EvalConfig, evaluate, merge
-    from .scoring import MetricConfig
+    from asuka.evaluation.distributed import parse_shard
+    from asuka.evaluation.report import markdown_table
+    from asuka.evaluation.runner import EvalConfig, MethodRun, evaluate, merge
+    from asuka.evaluation.scoring import MetricConfig
 
     if args.merge:
         if args.method or args.predictions or args.shard:
@@ -100,14 +98,20 @@ def run(args: argparse.Namespace) -> int:
             clip_model=args.clip_model, clip_region=args.clip_region, ssim_gray=args.ssim_color == "gray",
             ids_pca_dim=args.ids_pca_dim, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
             allow_download=args.allow_download)
-        config = EvalConfig(data=args.data, out=args.out, method=args.method, model=args.model,
+        methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
+        requests, given = method_requests(args, methods) if methods else ([], {})
+        if not methods and (given or args.model or args.decoder or args.preset or args.set_options):
+            raise CommandError("method options and inputs need --method (--predictions scores existing outputs)")
+        config = EvalConfig(data=args.data, out=args.out, methods=[MethodRun(**r) for r in requests],
                             predictions=args.predictions, masks=args.masks, resolution=args.resolution,
-                            steps=args.steps, prompt=args.prompt, guidance_scale=args.guidance_scale, seed=args.seed,
-                            batch_size=args.batch_size, limit=args.limit, device=args.device, shard=shard,
-                            progress=args.progress, metrics=metrics)
+                            inputs=given, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
+                            device=args.device, shard=shard, progress=args.progress, metrics=metrics)
         result = evaluate(config)
     if result is not None:
-        print(markdown_table(result))
+        if "methods" in result:
+            print(Path(result["files"]["markdown"]).read_text())
+        else:
+            print(markdown_table(result))
         print("asuka evaluate: wrote " + ", ".join(result["files"].values()))
     return 0
 

@@ -40,7 +40,7 @@ from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.pipelines._registry import PipelineRunner, load_pipeline
 from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, unet_input
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
@@ -244,8 +244,8 @@ class AsukaRunner(PipelineRunner):
     """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`AsukaInpaintPipeline` (paste-back is left
     to :func:`asuka.pipelines._common.run_inpainting`)."""
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
-                 num_inference_steps: int = 50, progress_bar: bool = True) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator=None, progress_bar: bool = True,
+                 num_inference_steps: int = 50) -> torch.Tensor:
         return self._run(image, progress_bar, image=image, mask_image=mask, num_inference_steps=num_inference_steps,
                          generator=generator, paste_back=False)
 
@@ -267,10 +267,8 @@ def default_tiny_asuka_dir() -> Path:
     return cached_pipeline_dir("tiny-asuka", write)
 
 
-@register_method("asuka", default_model=default_tiny_asuka_dir,
-                 description="ASUKA: MAE prior + aligner + SD-inpaint (no CFG) + harmonizing decoder "
-                             "(default: a tiny random offline pipeline)")
-def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaRunner:
-    """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``."""
-    pipe = load_pipeline(AsukaInpaintPipeline, model, dtype)
+def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: Any = None) -> AsukaRunner:
+    """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``;
+    ``vae`` replaces the saved decoder."""
+    pipe = load_pipeline(AsukaInpaintPipeline, model, dtype, **({} if vae is None else {"vae": vae.to(dtype)}))
     return AsukaRunner(pipe.to(device))

@@ -1,0 +1,150 @@
+"""CorrFill's per-generation state and its two self-attention controls on :mod:`asuka.attention`.
+
+:class:`CorrFillState` holds everything one generation learns -- one matching map per image (fp32), the current
+correspondences ``P`` / outliers ``P_o``, the adaptive weight, the maps kept for the loss -- and is created fresh
+for every pipeline call, so nothing leaks between images or batch elements (the official code keeps it in module
+globals). :class:`MatchReader` reads the raw head-mean probabilities of the target-query rows of the conditional
+half (all keys, so the softmax is the layer's) and votes on the vote layers; in the gradient pass it also keeps them
+with autograd for the objective. :class:`CorrespondenceMask` adds the Eq. 3-4 mask on every self-attention layer
+during the first ``step_masking`` steps of the main pass; built after the same layer's vote, as in the code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asuka.attention import AttentionControl, Read, RowBias
+from asuka.pipelines.corrfill import correspondence as corr
+from asuka.pipelines.corrfill import guidance
+from asuka.pipelines.corrfill.config import CorrFillConfig
+
+GRAD, MAIN, OFF = "grad", "main", "off"
+
+
+class CorrFillState:
+    """Per-generation CorrFill state for ``batch`` images whose stitched latent is ``side x 2*side``; the matching
+    map and correspondences are kept in ``dtype`` promoted to at least float32 (fp32 under fp16/bf16)."""
+
+    def __init__(self, config: CorrFillConfig, batch: int, side: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.config, self.batch, self.side, self.device = config, batch, side, device
+        self.dtype = dtype = torch.promote_types(dtype, torch.float32)
+        tokens = side * side
+        self.bank = torch.zeros(batch, tokens, tokens, device=device, dtype=dtype)
+        self.P = torch.full((batch, tokens, 2), float("nan"), device=device, dtype=dtype)
+        self.P_o = torch.full_like(self.P, float("nan"))
+        self.rho = torch.ones(batch, device=device, dtype=dtype)  # the code's initial adaptive weight
+        self.phase = OFF
+        self.step = 0
+        self.collected: list[torch.Tensor] = []
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------------- estimation
+    def reset(self) -> None:
+        """Forget the matching map and correspondences (the code resets at the start of every pass of step 0)."""
+        self.bank.zero_()
+        self.P.fill_(float("nan"))
+        self.P_o.fill_(float("nan"))
+        self._masks.clear()
+
+    def target_rows(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Indices of the target-half tokens of a ``(h, 2h)`` stitched grid, row-major over the target half."""
+        if grid not in self._rows:
+            h, w = grid
+            if w != 2 * h:
+                raise ValueError(f"CorrFill needs a stitched token grid of width 2 x height, got {h}x{w}")
+            rows = torch.arange(h, device=self.device)[:, None] * w + h + torch.arange(h, device=self.device)
+            self._rows[grid] = rows.reshape(-1)
+        return self._rows[grid]
+
+    def vote(self, tar2ref: torch.Tensor) -> None:
+        """Add a layer's ``(B, n*n, n*n)`` target->reference map to the matching map and re-estimate P."""
+        cfg = self.config
+        corr.vote(self.bank, corr.upsample_keys(tar2ref.detach().to(self.dtype), self.side))
+        self.P, self.P_o = corr.estimate(self.bank, enable_filter=cfg.enable_filter,
+                                         dominant_thresh=cfg.dominant_thresh, bank_update=cfg.dominant_bank_update,
+                                         enable_smoothing=cfg.enable_smoothing, smooth_window=cfg.smooth_window)
+        self._masks.clear()
+
+    def update_rho(self) -> None:
+        """rho_adapt: the fraction of target tokens with a correspondence (1 without the adaptive weight)."""
+        if self.config.adaptive_weight:
+            self.rho = corr.valid_mask(self.P).to(self.dtype).mean(-1)
+
+    # ---------------------------------------------------------------------------------------------- guidance
+    def mask(self, side: int) -> torch.Tensor:
+        """``(B, side*side, 2*side*side)`` additive mask of the target queries at a layer of side ``side`` (0 for an
+        image with fewer than ``min_valid`` correspondences), cached until the next vote."""
+        if side not in self._masks:
+            cfg = self.config
+            tar2ref = guidance.target_to_reference_mask(self.P, self.P_o, side, cfg.mask_window,
+                                                        cfg.mask_boost * self.rho)
+            enough = corr.valid_mask(self.P).sum(-1) >= cfg.min_valid
+            tar2ref = torch.where(enough[:, None, None], tar2ref, torch.zeros((), device=self.device))
+            self._masks[side] = guidance.stitched_key_mask(tar2ref)
+        return self._masks[side]
+
+    def loss(self) -> torch.Tensor:
+        """``(B,)`` objective S: the mean over the collected layers of the per-layer loss against E(P)."""
+        losses = [guidance.correspondence_loss(corr.upsample_keys(maps, self.side), self.P,
+                                               self.config.heatmap_radius) for maps in self.collected]
+        return torch.stack(losses).mean(0)
+
+
+def _tar2ref(probs: torch.Tensor) -> torch.Tensor:
+    """``(B, n*n, n*2n)`` target-row probabilities over all stitched keys -> ``(B, n*n, n*n)`` reference keys."""
+    batch, rows, keys = probs.shape
+    side = corr.grid_side(rows)
+    return probs.view(batch, rows, side, 2, side)[:, :, :, 0].reshape(batch, rows, rows)
+
+
+class MatchReader(AttentionControl):
+    """Reads raw target-row probabilities: votes on ``vote_layers``; keeps them with autograd in the gradient pass."""
+
+    def __init__(self, state: CorrFillState) -> None:
+        self.state = state
+
+    @property
+    def read(self) -> Read:
+        return Read("probs", batch="cond", heads="mean", grad=self.state.phase == GRAD)
+
+    def _votes(self, layer) -> bool:
+        return layer.kind_index in self.state.config.vote_layers
+
+    def active(self, layer, state) -> bool:
+        s = self.state
+        if s.phase == GRAD:
+            return True
+        return s.phase == MAIN and self._votes(layer)
+
+    def read_rows(self, call) -> torch.Tensor:
+        return self.state.target_rows(call.grid)
+
+    def on_read(self, call, maps: torch.Tensor) -> None:
+        s = self.state
+        tar2ref = _tar2ref(maps)
+        if self._votes(call.layer) and (s.phase == MAIN or s.config.vote_in_grad_pass):
+            s.vote(tar2ref)
+        if s.phase == GRAD:
+            s.collected.append(tar2ref)
+
+
+class CorrespondenceMask(AttentionControl):
+    """Eqs. 3-4: the additive mask on the target queries of the conditional half (both halves in ``paper_clean``)
+    during the first ``step_masking`` steps of the main pass."""
+
+    def __init__(self, state: CorrFillState) -> None:
+        self.state = state
+
+    def active(self, layer, state) -> bool:
+        s = self.state
+        return s.phase == MAIN and s.step < s.config.masking_steps
+
+    def row_bias(self, call) -> RowBias:
+        s = self.state
+        h, _ = call.grid
+        target = s.mask(h).to(call.query.dtype)[:, None]  # (B, 1, h*h, h*w): target rows of the cond half
+        if call.state.cfg and s.config.mask_uncond_branch:
+            return RowBias(s.target_rows(call.grid), torch.cat([target, target]))
+        return RowBias(s.target_rows(call.grid), target, batch=call.cond)

@@ -1,0 +1,152 @@
+"""CorrFill pipelines on tiny real components (stitched 8x16 latents): the oracles of the paper/official code."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+
+from asuka.errors import InputError
+from asuka.models.tiny import tiny_sd_components
+from asuka.pipelines.corrfill.config import CorrFillConfig, make_config
+from asuka.pipelines.corrfill.pipelines import CorrFillInpaintPipeline
+
+SIZE = 64  # per half: latent 8x8, stitched 8x16
+STEPS = 3
+OFF = CorrFillConfig(enable_masking=False, enable_latent_opt=False)
+FULL = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other test processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = CorrFillInpaintPipeline(**tiny_sd_components(), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inputs(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.rand(batch, 3, SIZE, SIZE, generator=g) * 2 - 1
+    image = torch.roll(reference, 8, -1) + 0.05 * torch.randn(batch, 3, SIZE, SIZE, generator=g)
+    mask = torch.zeros(batch, 1, SIZE, SIZE)
+    mask[..., 16:48, 20:44] = 1
+    return reference, image.clamp(-1, 1), mask
+
+
+def run(pipe, config, reference, image, mask, seeds=(0,), **kw):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(reference, image, mask, config=config, num_inference_steps=STEPS, generator=gens,
+                output_type="latent", **kw).images
+
+
+def base_latents(pipe, reference, image, mask, seeds=(0,)):
+    """diffusers' own StableDiffusionInpaintPipeline on the stitched input, same weights and seeds."""
+    base = StableDiffusionInpaintPipeline(**{k: getattr(pipe, k) for k in (
+        "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")},
+        requires_safety_checker=False)
+    base.set_progress_bar_config(disable=True)
+    stitched = torch.cat([reference, image], -1)
+    wide = torch.cat([torch.zeros_like(mask), mask], -1)
+    n = len(seeds)
+    return base(prompt=[""] * n, image=(stitched + 1) / 2, mask_image=wide, height=SIZE, width=2 * SIZE,
+                num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0, output_type="latent",
+                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
+
+def test_all_switches_off_is_the_base_pipeline_bit_for_bit(pipe):
+    ref, img, mask = inputs()
+    expected = base_latents(pipe, ref, img, mask)
+    assert torch.equal(run(pipe, OFF, ref, img, mask), expected)
+    zero_windows = make_config("side-by-side", step_masking=0, step_optimize=0)
+    assert torch.equal(run(pipe, zero_windows, ref, img, mask), expected)
+
+
+def test_estimation_and_gradient_passes_change_nothing_when_their_effect_is_zero(pipe):
+    """Maps computed, votes cast, gradient passes run -- but Str_o = 0 and no masking: output and generator state
+    are the baseline's (the extra passes draw no random numbers)."""
+    ref, img, mask = inputs()
+    passes = []
+    config = make_config("side-by-side", enable_masking=False, step_optimize=2, str_optimize=0.0)
+    g1 = torch.Generator().manual_seed(0)
+    got = pipe(ref, img, mask, config=config, num_inference_steps=STEPS, generator=[g1], output_type="latent",
+               on_grad_pass=passes.append).images
+    g2 = torch.Generator().manual_seed(0)
+    expected = pipe(ref, img, mask, config=OFF, num_inference_steps=STEPS, generator=[g2],
+                    output_type="latent").images
+    assert torch.equal(got, expected)
+    assert passes == [0, 1]  # min(step_optimize, steps) gradient passes
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_a_mask_that_allows_everything_changes_nothing(pipe):
+    """Masking on, no boost, a radius covering every reference token, no outliers: the mask is all 0."""
+    ref, img, mask = inputs()
+    config = make_config("side-by-side", enable_latent_opt=False, enable_filter=False, mask_boost=0.0,
+                         mask_window=-2.0, step_masking=STEPS)
+    torch.testing.assert_close(run(pipe, config, ref, img, mask), run(pipe, OFF, ref, img, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_full_method_changes_the_result_and_only_the_target_half_is_optimised(pipe):
+    ref, img, mask = inputs()
+    full = run(pipe, FULL, ref, img, mask)
+    masking_only = run(pipe, make_config("side-by-side", enable_latent_opt=False), ref, img, mask)
+    off = run(pipe, OFF, ref, img, mask)
+    assert torch.isfinite(full).all()
+    assert not torch.equal(full, off) and not torch.equal(masking_only, off)
+    assert not torch.equal(full, masking_only)
+
+
+def test_no_state_leaks_between_images_and_runs_are_deterministic(pipe):
+    ref_a, img_a, mask_a = inputs(seed=1)
+    ref_b, img_b, mask_b = inputs(seed=2)
+    alone = run(pipe, FULL, ref_b, img_b, mask_b)
+    run(pipe, FULL, ref_a, img_a, mask_a)
+    assert torch.equal(run(pipe, FULL, ref_b, img_b, mask_b), alone)
+
+
+def test_a_batch_of_two_equals_the_two_single_runs(pipe):
+    """Votes from the full-resolution layers only: with random tiny weights the coarse layers' upsampled maps have
+    exact ties, whose argmax flips under the last-bit differences of batched vs single UNet numerics (not a state
+    leak: the maps agree to 1e-16 in float64). Without ties, batch and singles agree to float32 noise."""
+    ref, img, mask = inputs(batch=2, seed=3)
+    mask[1] = 0
+    mask[1, :, 8:40, 8:30] = 1
+    config = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS, vote_layers=(13, 14, 15))
+    batch = run(pipe, config, ref, img, mask, seeds=(0, 1))
+    for i in range(2):
+        single = run(pipe, config, ref[i:i + 1], img[i:i + 1], mask[i:i + 1], seeds=(i,))
+        torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_degenerate_masks_run_without_nan(pipe):
+    ref, img, mask = inputs()
+    assert torch.isfinite(run(pipe, FULL, ref, img, torch.zeros_like(mask))).all()
+    assert torch.isfinite(run(pipe, FULL, ref, img, torch.ones_like(mask))).all()
+
+
+def test_output_is_the_target_composited_outside_the_hole(pipe):
+    ref, img, mask = inputs()
+    out = pipe(ref, img, mask, config=FULL, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == img.shape and out.stitched.shape == (1, 3, SIZE, 2 * SIZE)
+    keep = mask == 0
+    assert torch.equal(out.images[keep.expand_as(img)], img[keep.expand_as(img)])
+    hole = (mask > 0).expand_as(img)
+    assert torch.equal(out.images[hole], out.stitched[..., SIZE:][hole])
+
+
+def test_bad_pairs_are_clear_errors(pipe):
+    ref, img, mask = inputs()
+    with pytest.raises(InputError, match="reference"):
+        pipe(ref[..., :32], img, mask, config=FULL, num_inference_steps=1)
+    with pytest.raises(InputError, match="square"):
+        pipe(ref[..., :32, :], img[..., :32, :], mask[..., :32, :], config=FULL, num_inference_steps=1)
