@@ -268,6 +268,7 @@ class Inpainter:
 
         from asuka.pipelines._common import prepare_inputs, run_inpainting
 
+        check_seed(seed)
         image, mask = prepare_inputs(image, mask)
         count = image.shape[0]
         per_item = [dict(inputs or {})] * count if inputs is None or isinstance(inputs, Mapping) else list(inputs)
@@ -292,6 +293,14 @@ class Inpainter:
                               hd_strategy=hd_strategy, max_size=max_size, per_item=extras)
 
 
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an integer in ``[0, 2**64)`` (what ``torch.Generator.manual_seed`` takes), else an
+    :class:`InputError` (field ``seed``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InputError(f"must be an integer in [0, 2**64), got {seed!r}", "seed")
+    return seed
+
+
 def _to(value: Any, device) -> Any:
     import torch
 
@@ -310,4 +319,4 @@ def inpaint(image, mask, *, method: str = "sd", model: str | Path | None = None,
                                                                                       seed=seed, **call)
 
 
-__all__ = ["SEED_RULE", "Inpainter", "inpaint", "pair_files", "per_stem_inputs", "read_text_table", "image_size"]
+__all__ = ["SEED_RULE", "Inpainter", "check_seed", "inpaint", "pair_files", "per_stem_inputs", "read_text_table", "image_size"]

@@ -407,7 +407,7 @@ def test_hd_geometry():
     assert crop_region(m, HDStrategy("original", trigger_size=10)) is None
     assert resize_target(1000, 2560, HDStrategy("resize")) == (500, 1280)
     assert resize_target(1000, 1280, HDStrategy("resize")) is None
-    with pytest.raises(ValueError, match="hd_strategy must be one of original, crop, resize"):
+    with pytest.raises(ValueError, match="hd_strategy: must be one of original, crop, resize"):
         HDStrategy("tile")
     with pytest.raises(ValueError, match="margin"):
         HDStrategy(margin=-1)

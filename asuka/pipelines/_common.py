@@ -19,6 +19,9 @@ Conventions (DESIGN.md), applied once, at the boundary:
   maximum is 1 are 0/1 label masks and read as such. Masks with alpha (RGBA, LA, transparent palette files;
   2- or 4-channel arrays) are composited on black: transparent pixels are known whatever colour they store. Colour masks are accepted only when their R, G and B channels are equal (an error
   otherwise: a red stroke is not a hole).
+- **Files**: the width and height are read from the header and checked against ``max_pixels`` (default
+  :data:`~asuka.image_limits.DEFAULT_MAX_PIXELS`, 100 megapixels) before anything is decoded; truncated files are
+  errors; an animated file (GIF, APNG, WebP) gives its first frame with an :class:`AnimatedImageWarning`.
 - **Sizes**: image and mask must have the same size (an :class:`InputError` otherwise: resizing a mask silently
   moves the hole). Methods see inputs padded on the bottom/right to a multiple (8 by default, 64 where a method
   needs it): images by reflection, masks with zeros (padding is known context, never hole); the padding is
@@ -49,6 +52,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from asuka.errors import InputError, InputFileNotFoundError
+from asuka.image_limits import DEFAULT_MAX_PIXELS, ImageTooLargeError, image_size, read_header
 from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HDStrategy, crop_region, resize_target
 from asuka.tensors import DEFAULT_MULTIPLE, MASK_THRESHOLD, crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as _paste_back  # run_inpainting's ``paste_back`` flag shadows the name
@@ -63,23 +67,37 @@ class SoftMaskWarning(UserWarning):
     """A mask had values other than 0/1 (or 0/255) and was binarized at :data:`MASK_THRESHOLD`."""
 
 
+class AnimatedImageWarning(UserWarning):
+    """An animated image file (GIF, APNG, WebP) was given; only its first frame is used."""
+
+
 # ----------------------------------------------------------------------------------------------- loading
-def _open(path: str | os.PathLike, name: str) -> Image.Image:
+def _open(path: str | os.PathLike, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file: its size is checked from the header first (:mod:`asuka.image_limits`, ``max_pixels``),
+    then it is decoded whole (truncated files are errors) with its EXIF orientation; an animated file warns
+    (:class:`AnimatedImageWarning`) and gives its first frame."""
     path = Path(path)
     if not path.exists():
         raise InputFileNotFoundError(f"{name}: file not found: {path} (check the path)")
     if path.is_dir():
         raise InputError(f"{name}: {path} is a folder; pass an image file")
     try:
-        with Image.open(path) as img:
+        image_size(path, max_pixels=max_pixels, what=f"{name}: {path}")
+    except ImageTooLargeError as err:
+        raise InputError(str(err)) from None
+    except ValueError:
+        pass  # not an image: the decoder below names the problem
+    try:
+        with read_header(path) as img:  # Pillow's own decompression-bomb check is replaced by the one above
+            frames = getattr(img, "n_frames", 1)
             img.load()
             img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{name}: {path} is over PIL's decompression-bomb limit ({err}); if you trust the file, "
-                         "raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{name}: cannot read {path} as an image ({type(err).__name__}: {err}); "
                          "the file is truncated, corrupt or not an image - re-export it as PNG or JPEG") from None
+    if frames > 1:
+        warnings.warn(f"{name}: {path} is animated ({frames} frames); only its first frame is used - export the "
+                      "frame you want as PNG to silence this", AnimatedImageWarning, stacklevel=4)
     return img
 
 
@@ -166,13 +184,14 @@ def _image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def load_image(x: ImageLike, *, name: str = "image") -> torch.Tensor:
+def load_image(x: ImageLike, *, name: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Any image input -> float32 ``(B, 3, H, W)`` in ``[-1, 1]`` (``B = 1`` except for batched arrays/tensors).
 
     Accepts a path, a PIL image, a numpy array (channels last; uint8, uint16 or float in [0, 1]) or a tensor
     that already follows the convention. See the module docstring for every conversion.
     """
-    return _convert(x, name, from_numpy=_image_from_numpy, from_tensor=_image_from_tensor, keep_alpha=False)
+    return _convert(x, name, from_numpy=_image_from_numpy, from_tensor=_image_from_tensor, keep_alpha=False,
+                    max_pixels=max_pixels)
 
 
 def _binarize(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -222,16 +241,18 @@ def _mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return _binarize(x, name)
 
 
-def load_mask(x: ImageLike, *, name: str = "mask") -> torch.Tensor:
+def load_mask(x: ImageLike, *, name: str = "mask", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Any mask input -> float32 ``(B, 1, H, W)`` in ``{0, 1}``, 1 = hole (threshold :data:`MASK_THRESHOLD`)."""
-    return _convert(x, name, from_numpy=_mask_from_numpy, from_tensor=_mask_from_tensor, keep_alpha=True)
+    return _convert(x, name, from_numpy=_mask_from_numpy, from_tensor=_mask_from_tensor, keep_alpha=True,
+                    max_pixels=max_pixels)
 
 
 def _convert(x: ImageLike, name: str, *, from_numpy: Callable[[np.ndarray, str], torch.Tensor],
-             from_tensor: Callable[[torch.Tensor, str], torch.Tensor], keep_alpha: bool) -> torch.Tensor:
+             from_tensor: Callable[[torch.Tensor, str], torch.Tensor], keep_alpha: bool,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Dispatch one image-like input (path, PIL, numpy, tensor) to the converter for its type."""
     if isinstance(x, (str, os.PathLike)):
-        x = _open(x, name)
+        x = _open(x, name, max_pixels)
     if isinstance(x, Image.Image):
         _check_size(x.height, x.width, name)
         return from_numpy(_pil_to_array(x, keep_alpha=keep_alpha), name)
@@ -390,6 +411,6 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_MAX_SIZE", "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
+    "DEFAULT_MAX_SIZE", "DEFAULT_MAX_PIXELS", "SoftMaskWarning", "AnimatedImageWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
     "mask_to_pil", "run_inpainting", "list_image_files",
 )
