@@ -360,7 +360,8 @@ def _run_inpaint(args: argparse.Namespace) -> int:
                 raise
             failures.append(f"{stem}: cannot write {target}: {err}")
     written = len(pairs) - len(failures)
-    where = targets[0] if len(targets) == 1 else f"{written} of {len(targets)} images in {out}"
+    where = targets[0] if len(targets) == 1 else \
+        f"{written}{f' of {len(targets)}' if failures else ''} images in {out}"
     if written:
         print(f"asuka inpaint: wrote {where}" + (" (with the demo input and mask beside it)" if demo else ""))
     if failures:

@@ -131,3 +131,66 @@ def test_animated_gif_warns_and_uses_the_first_frame(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "m.png")
     code, _, err = _run(capsys, "--image", gif, "--mask", tmp_path / "m.png", "--out", tmp_path / "o.png")
     assert code == 0 and any("warning:" in line and "animated" in line for line in err)
+
+
+def _tiny_copy(tmp_path, name):
+    import shutil
+
+    from asuka.models.tiny import default_tiny_inpaint_dir
+
+    return Path(shutil.copytree(default_tiny_inpaint_dir(), tmp_path / name))
+
+
+def test_truncated_or_pickled_model_files_give_one_line(tmp_path, capsys):
+    import os
+
+    import torch
+
+    images, masks = _folder(tmp_path, names=("a",), hole=True)  # a hole: the model is loaded
+    truncated = _tiny_copy(tmp_path, "truncated")
+    weights = truncated / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = _run(capsys, "--image", images / "a.png", "--mask", masks / "a.png", "--out", tmp_path / "o.png",
+                        "--model", truncated, "--steps", "1")
+    assert code == 1 and err[-1].startswith(f"asuka inpaint: error: --model: cannot load '{truncated}'")
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'marker'}",)
+
+    pickled = _tiny_copy(tmp_path, "pickled")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"w": RunsCode()}, pickled / "unet" / "diffusion_pytorch_model.bin")
+    code, _, err = _run(capsys, "--image", images / "a.png", "--mask", masks / "a.png", "--out", tmp_path / "o.png",
+                        "--model", pickled, "--steps", "1")
+    assert code == 1 and err[-1].startswith(f"asuka inpaint: error: --model: cannot load '{pickled}'")
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_truncated_or_crafted_metric_weights_give_one_line(tmp_path):
+    import os
+
+    import torch
+
+    from asuka.errors import InputError
+    from asuka.metrics.inception import InceptionFeatures, save_random_inception_weights
+    from asuka.metrics.lpips import LPIPS
+
+    good = save_random_inception_weights(tmp_path / "inception.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:4096])
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'marker'}",)
+
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"state_dict": {"w": RunsCode()}}, crafted)
+    for path in (truncated, crafted):
+        with pytest.raises(InputError) as info:
+            InceptionFeatures(path)
+        assert info.value.field == "inception_weights" and "\n" not in str(info.value)
+        with pytest.raises(InputError) as info:
+            LPIPS("alex", path)
+        assert info.value.field == "lpips_weights" and "\n" not in str(info.value)
+    assert not (tmp_path / "marker").exists()

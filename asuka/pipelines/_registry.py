@@ -111,12 +111,14 @@ class InpaintMethod:
             from asuka.weights import load_autoencoder
 
             decoder = load_autoencoder(decoder, dtype=dtype, field="decoder")
+        from asuka.weights import loading_errors
+
         build = self.builder()
         try:
             return build(model, device=torch.device(device), dtype=dtype, vae=decoder)
         except InputError:
             raise
-        except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
+        except loading_errors() as err:  # truncated / pickled / mis-shaped weight files
             raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {' '.join(str(err).split())}",
                              "model") from err
 
