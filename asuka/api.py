@@ -261,15 +261,18 @@ class Inpainter:
 
     def __call__(self, image, mask, *, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
                  seed: int = 0, paste_back: bool = True, hd_strategy: HDStrategy | str = "crop",
-                 max_size: int | None = DEFAULT_MAX_SIZE, progress_bar: bool = False) -> "torch.Tensor":
+                 max_size: int | None = DEFAULT_MAX_SIZE, progress_bar: bool = False,
+                 compact: bool = False) -> "torch.Tensor":
         """Inpaint a batch: ``image``/``mask`` as :func:`asuka.pipelines._common.prepare_inputs` takes them;
-        ``inputs`` one ``{role: value}`` for all items or a list with one per item. Returns (B,3,H,W) in [-1,1]."""
+        ``inputs`` one ``{role: value}`` for all items or a list with one per item. Returns (B,3,H,W) in [-1,1];
+        with ``compact`` 8-bit inputs stay uint8, only the processed region is float, and the result is uint8
+        (:func:`asuka.pipelines._common.run_inpainting`)."""
         import torch
 
         from asuka.pipelines._common import prepare_inputs, run_inpainting
 
         check_seed(seed)
-        image, mask = prepare_inputs(image, mask)
+        image, mask = prepare_inputs(image, mask, compact=compact)
         count = image.shape[0]
         per_item = [dict(inputs or {})] * count if inputs is None or isinstance(inputs, Mapping) else list(inputs)
         if len(per_item) != count:
@@ -290,7 +293,7 @@ class Inpainter:
                           **self.resolved, **given)
 
         return run_inpainting(model, image, mask, paste_back=paste_back, multiple=runner.multiple,
-                              hd_strategy=hd_strategy, max_size=max_size, per_item=extras)
+                              hd_strategy=hd_strategy, max_size=max_size, per_item=extras, compact=compact)
 
 
 def check_seed(seed: Any) -> int:

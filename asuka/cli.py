@@ -339,24 +339,25 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     for (stem, image_in, mask_in), target in tqdm(list(zip(pairs, targets)), desc="inpaint", unit="image",
                                                    disable=len(pairs) == 1):
         try:
-            image, mask = prepare_inputs(load_image(image_in, name=f"--image {stem}", max_pixels=args.max_pixels),
-                                         load_mask(mask_in, name=f"--mask {stem}", max_pixels=args.max_pixels))
-        except InputError as err:  # an unreadable input: the others still run (unless --fail-fast)
-            if args.fail_fast:
+            image, mask = prepare_inputs(  # compact: 8-bit images stay uint8, only the processed crop is float
+                load_image(image_in, name=f"--image {stem}", max_pixels=args.max_pixels, compact=True),
+                load_mask(mask_in, name=f"--mask {stem}", max_pixels=args.max_pixels, compact=True), compact=True)
+        except InputError as err:  # an unreadable input: the others still run (unless --fail-fast or only one)
+            if args.fail_fast or len(pairs) == 1:
                 raise
             failures.append(f"{stem}: {' '.join(str(err).split())}")
             continue
         if bool(mask.any()) and "runner" not in painter.__dict__:
             _quiet_loading()  # loaded at the first image with a hole: no hole needs no model
         result = painter(image, mask, inputs=inputs[stem], seed=args.seed, paste_back=args.paste_back,
-                         hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1)
+                         hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1, compact=True)
         try:
             save_image(to_pil(result)[0], target)
             if demo:
                 save_image(to_pil(image)[0], target.with_name(f"{stem}_input.png"))
                 save_image(mask_to_pil(mask)[0], target.with_name(f"{stem}_mask.png"))
         except OSError as err:  # e.g. a full disk: nothing half-written is left behind
-            if args.fail_fast:
+            if args.fail_fast or len(pairs) == 1:
                 raise
             failures.append(f"{stem}: cannot write {target}: {err}")
     written = len(pairs) - len(failures)
@@ -377,9 +378,9 @@ def check_output_clashes(pairs: Sequence[tuple[str, object, object]], targets: S
     written to the same file (``x.png`` and ``x.jpg`` in one folder both give ``x.png``)."""
     inputs = {}
     for _, image_in, mask_in in pairs:
-        for flag, path in (("--image", image_in), ("--mask", mask_in)):
+        for what, path in (("image", image_in), ("mask", mask_in)):
             if isinstance(path, Path):
-                inputs.setdefault(path.resolve(), f"{flag} file {path}")
+                inputs.setdefault(path.resolve(), f"input {what} {path}")
     written: dict[Path, object] = {}
     for (_, image_in, _), target in zip(pairs, targets):
         key = target.resolve()
@@ -395,6 +396,7 @@ def save_image(image, target: Path) -> None:
     """Write a PIL image atomically (:func:`asuka.atomic.atomic_path`): never a half-written file."""
     from asuka.atomic import atomic_path
 
+    target = Path(target)
     with atomic_path(target) as tmp:
         image.save(tmp, format=_pil_format(target))
 
