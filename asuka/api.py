@@ -192,7 +192,8 @@ class Inpainter:
 
     ``options`` (Python values) and ``option_strings`` (command-line text) override the ``preset``, which overrides
     the declared defaults; all are checked here, before any model loads. ``decoder``: an autoencoder export folder
-    or hub id (or a loaded module) replacing the method's VAE.
+    or hub id (or a loaded module) replacing the method's VAE. ``weights``: the method's declared extra weights
+    (``{name: folder, file or hub id}``).
     """
 
     method: str
@@ -203,11 +204,13 @@ class Inpainter:
     preset: str | None = None
     options: Mapping[str, Any] | None = None
     option_strings: Mapping[str, str] | None = None
+    weights: Mapping[str, Any] | None = None
     resolved: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.registered: InpaintMethod = get_method(self.method)
         self.resolved = self.spec.resolve(self.preset, self.options, self.option_strings)
+        self.spec.resolve_weights(self.weights)
 
     @property
     def spec(self) -> MethodSpec:
@@ -222,7 +225,8 @@ class Inpainter:
     @cached_property
     def runner(self):
         """The loaded method (built at first access)."""
-        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder)
+        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
+                                    weights=self.weights)
 
     def release(self) -> None:
         """Drop the loaded model (loaded again at the next call that needs it)."""
@@ -234,6 +238,8 @@ class Inpainter:
                 "decoder": None if self.decoder is None or not isinstance(self.decoder, (str, Path))
                 else str(self.decoder), "preset": self.preset,
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.resolved.items()},
+                "weights": {k: None if v is None else str(v)
+                            for k, v in self.spec.resolve_weights(self.weights).items()},
                 "seed_rule": SEED_RULE}
 
     def item_inputs(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

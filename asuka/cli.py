@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from asuka.options import STANDARD_ROLES
+from asuka.options import STANDARD_ROLES, STANDARD_WEIGHTS
 from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HD_STRATEGIES, HDStrategy
 
 
@@ -97,18 +97,26 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a method option (repeatable; typed and range-checked; lists as a,b,c; none for unset)")
     g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
     g.add_argument("--guidance-scale", type=finite_float, help="shortcut for --set guidance_scale=X")
+    g.add_argument("--baseline", help="shortcut for --set baseline=NAME (methods built on a choice of baseline)")
     g.add_argument("--seed", type=seed_int, default=DEMO_SEED,
                    help="random seed: every image gets its own generator seeded with it (default: 0)")
     g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
     for role in STANDARD_ROLE_FLAGS:
         what = ("text for all images, or a .json/.txt file of per-stem texts" if STANDARD_ROLES[role] == "text"
                 else "image file for all images, or a folder matched by file stem")
-        g.add_argument(f"--{role.replace('_', '-')}", dest=f"input_{role}", help=f"{role.replace('_', ' ')}: {what}")
+        g.add_argument(f"--{role.replace('_', '-')}", dest=f"input_{role}", help=f"{role.replace('_', ' ')}: {what}",
+                       metavar="TEXT" if STANDARD_ROLES[role] == "text" else "PATH")
     g.add_argument("--input", dest="inputs", action="append", default=[], metavar="ROLE=VALUE",
                    help="any other input a method declares, given as the flags above")
+    g = p.add_argument_group("extra weights (for methods that declare them)")
+    for name in STANDARD_WEIGHTS:
+        g.add_argument(f"--{name.replace('_', '-')}", dest=f"weights_{name}", metavar="PATH",
+                       help=f"{name.replace('_', '-')} weights: a folder, file or hub id")
+    g.add_argument("--weights", dest="weights", action="append", default=[], metavar="NAME=PATH",
+                   help="any other weights a method declares")
 
 
-STANDARD_ROLE_FLAGS = ("prompt", "negative_prompt", "reference", "control", "ip_adapter_image")
+STANDARD_ROLE_FLAGS = tuple(STANDARD_ROLES)
 
 
 def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
@@ -147,6 +155,12 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
     models, decoders = _per_method(args.model, methods, "--model"), _per_method(args.decoder, methods, "--decoder")
     presets = _per_method(args.preset, methods, "--preset")
     entries = _key_values(args.set_options, "--set")
+    weights = {name: getattr(args, f"weights_{name}") for name in STANDARD_WEIGHTS
+               if getattr(args, f"weights_{name}") is not None}
+    weights.update(_key_values(args.weights, "--weights"))
+    unused = set(weights) - {w.name for m in methods for w in get_method(m).spec.weights}
+    if unused and len(methods) > 1:
+        raise InputError(f"no listed method loads {sorted(unused)[0]!r} weights", f"weights.{sorted(unused)[0]}")
     requests = []
     for method in methods:
         spec = get_method(method).spec
@@ -159,7 +173,8 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             else:
                 strings[key] = value
         for flag, key, value in (("--steps", "num_inference_steps", args.steps),
-                                 ("--guidance-scale", "guidance_scale", args.guidance_scale)):
+                                 ("--guidance-scale", "guidance_scale", args.guidance_scale),
+                                 ("--baseline", "baseline", args.baseline)):
             if value is not None:
                 if key not in spec.by_name:
                     raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")
@@ -168,10 +183,13 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
         preset_values = spec.preset(presets[method]).values if presets[method] else {}
         if demo and "num_inference_steps" in spec.by_name and "num_inference_steps" not in {**strings, **preset_values}:
             values["num_inference_steps"] = DEMO_STEPS
+        declared = {w.name for w in spec.weights}
         request = dict(method=method, model=models[method], decoder=decoders[method], preset=presets[method],
-                       options=values, option_strings=strings)
+                       options=values, option_strings=strings,
+                       weights={k: v for k, v in weights.items() if len(methods) == 1 or k in declared})
         try:
             spec.resolve(request["preset"], values, strings)
+            spec.resolve_weights(request["weights"])
         except InputError as err:
             if len(methods) == 1:
                 raise
@@ -443,6 +461,8 @@ def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
         return f"--set {key}"
     if head == "inputs" and key:
         return flags.get(f"input_{key}", f"--input {key}")
+    if head == "weights" and key:
+        return flags.get(f"weights_{key}", f"--weights {key}")
     return flags.get(field, field)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from asuka.cli import CommandError, Subcommand, add_method_arguments, method_requests, positive_int
 from asuka.evaluation import METRICS as _METRIC_NAMES
+from asuka.evaluation.protocols import PROTOCOLS, protocol_settings
 
 
 def _metric_list(text: str) -> list[str]:
@@ -50,22 +51,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "whose weights are missing is an error")
     m.add_argument("--allow-download", action="store_true",
                    help="let missing LPIPS/Inception backbones download into the torch hub cache (off by default)")
-    m.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex",
+    m.add_argument("--protocol", choices=tuple(PROTOCOLS), default="default",
+                   help="set every metric convention of one paper's tables at once: "
+                        + "; ".join(f"{p.name}: {p.description}" for p in PROTOCOLS.values())
+                        + ". Options below that contradict the protocol are an error")
+    m.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"),
                    help="LPIPS backbone: alex (ASUKA, MAT; default), vgg (LaMa), squeeze (BrushNet)")
     m.add_argument("--lpips-weights", help="torchvision ImageNet state dict of the LPIPS backbone, e.g. "
                                            "alexnet-owt-7be5be79.pth from download.pytorch.org/models")
     m.add_argument("--inception-weights", help="Inception-v3 weights: weights-inception-2015-12-05-6726825d.pth "
                                                "(torch-fidelity v0.2.0 release) for the default variant")
-    m.add_argument("--inception-variant", choices=("fidelity", "torchvision"), default="fidelity",
+    m.add_argument("--inception-variant", choices=("fidelity", "torchvision"),
                    help="fidelity: TF-Inception as torch-fidelity/pytorch-fid (comparable FID; default); "
                         "torchvision: IMAGENET1K_V1 as ASUKA's cal_ids.py (inception_v3_google-0cc3c7bd.pth)")
+    m.add_argument("--inception-resize", choices=("tensor", "pil"),
+                   help="torchvision variant's preprocessing on float tensors on the device (default) or on 8-bit PIL "
+                        "images as ASUKA's cal_ids.py")
+    m.add_argument("--grad-empty-edge", choices=("nan", "zero"),
+                   help="Grad of a mask without an edge: nan = undefined, left out of the mean (default); zero = ASUKA")
     m.add_argument("--ids-pca-dim", type=positive_int,
                    help="PCA the Inception features to this many dims before the IDS SVM (ASUKA passes the "
                         "resolution, 512; Co-Mod-GAN: none, the default)")
     m.add_argument("--kid-subsets", type=positive_int, default=100, help="KID subsets (default 100)")
     m.add_argument("--kid-subset-size", type=positive_int, default=1000,
                    help="KID subset size (default 1000; clamped to the number of images)")
-    m.add_argument("--ssim-color", choices=("gray", "rgb"), default="gray",
+    m.add_argument("--ssim-color", choices=("gray", "rgb"),
                    help="SSIM on grayscale (ASUKA; default) or averaged over RGB channels")
     m.add_argument("--clip-model", help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14) for the CLIP "
                                         "score between composite and ground truth")
@@ -92,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
             shard = parse_shard(args.shard) if args.shard else None
         except ValueError as err:
             raise CommandError(str(err)) from None
+        conventions = protocol_settings(args.protocol, resolution=args.resolution, explicit=dict(
+            metrics=args.metrics, lpips_net=args.lpips_net, inception_variant=args.inception_variant,
+            inception_resize=args.inception_resize, ids_pca_dim=args.ids_pca_dim,
+            ssim_gray=None if args.ssim_color is None else args.ssim_color == "gray",
+            grad_empty_edge=args.grad_empty_edge))
         metrics = MetricConfig(
-            metrics=args.metrics, lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
-            inception_weights=args.inception_weights, inception_variant=args.inception_variant,
-            clip_model=args.clip_model, clip_region=args.clip_region, ssim_gray=args.ssim_color == "gray",
-            ids_pca_dim=args.ids_pca_dim, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            allow_download=args.allow_download)
+            **conventions, lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
+            clip_model=args.clip_model, clip_region=args.clip_region, kid_subsets=args.kid_subsets,
+            kid_subset_size=args.kid_subset_size, allow_download=args.allow_download)
         methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
         requests, given = method_requests(args, methods) if methods else ([], {})
         if not methods and (given or args.model or args.decoder or args.preset or args.set_options):

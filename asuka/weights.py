@@ -4,7 +4,7 @@
   that looks local (exists, is absolute, starts with ``.`` or ``~``) must be a folder holding ``marker``
   (``model_index.json`` for pipelines, ``config.json`` for models); anything else must be a hub id ``org/name``
   (downloaded only because the user named it). Every failure is an :class:`~asuka.errors.InputError` naming
-  ``field``.
+  ``field`` (an :class:`~asuka.errors.InputFileNotFoundError`, also a ``FileNotFoundError``).
 - :func:`class_from_config` reads a model folder's ``config.json`` ``_class_name`` and returns the class: asuka's own
   (``HarmonizingDecoderKL``, ``MAEPrior``, ``PriorAligner``) or diffusers'.
 - :func:`load_autoencoder` loads a VAE export (``AutoencoderKL``, ``AsymmetricAutoencoderKL``, asuka's
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asuka.errors import InputError
+from asuka.errors import InputError, InputFileNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -35,18 +35,21 @@ def _looks_local(ref: str | Path) -> bool:
 
 
 def resolve_pretrained(ref: str | Path, *, field: str, marker: str = "config.json", what: str = "model") -> str:
-    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for ``from_pretrained``."""
+    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for
+    ``from_pretrained``."""
     path = Path(ref).expanduser()
     if _looks_local(ref):
         if not path.exists():
-            raise InputError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)", field)
+            raise InputFileNotFoundError(f"folder not found: {ref} (pass an existing {what} folder or a hub id "
+                                         "org/name)", field)
         if not (path / marker).is_file():
-            raise InputError(f"{path} is not a {what} folder (no {marker}); pass the folder written by "
+            raise InputFileNotFoundError(f"{path} is not a {what} folder (no {marker}); pass the folder written by "
                              "save_pretrained or a hub id such as org/name", field)
         return str(path)
     if HUB_ID.match(str(ref)):
         return str(ref)
-    raise InputError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)", field)
+    raise InputFileNotFoundError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)",
+                                 field)
 
 
 def class_from_config(ref: str | Path, *, field: str, allowed: tuple[type, ...] = ()) -> type:

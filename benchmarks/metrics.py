@@ -124,18 +124,68 @@ def set_table(n: int) -> list[tuple[str, float, str]]:
     return out
 
 
+_FID_CHILD = """
+import resource, sys, time, torch
+from asuka.metrics.fid import fid_from_features, trace_sqrt_product
+n, form = int(sys.argv[1]), sys.argv[2]
+g = torch.Generator().manual_seed(0)
+real = torch.randn(n, 2048, generator=g).abs() * 0.5
+fake = real + 0.1 * torch.randn(n, 2048, generator=g)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+if form == "product":  # the small-N form, forced
+    a, b = real.double() - real.double().mean(0), fake.double() - fake.double().mean(0)
+    torch.linalg.svdvals(a @ b.T).sum()
+elif form == "covariance":  # the D×D form, forced
+    a, b = real.double() - real.double().mean(0), fake.double() - fake.double().mean(0)
+    trace_sqrt_product(a.T @ a / (n - 1), b.T @ b / (n - 1))
+else:
+    fid_from_features(real, fake)
+seconds = time.perf_counter() - t0
+print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def fid_scale_table(sizes: list[int]) -> list[tuple[int, str, float, float]]:
+    """FID time and peak extra memory (MiB, RSS of a fresh process) at paper-scale set sizes on synthetic 2048-d
+    features: the automatic choice (covariance form beyond 2048 samples) and, where it fits, the N×N product form."""
+    import subprocess
+    import sys
+
+    rows = []
+    for n in sizes:
+        forms = ["auto", "covariance"] if n <= 2048 else ["auto"] + (["product"] if n <= 4096 else [])
+        for form in forms:
+            out = subprocess.run([sys.executable, "-c", _FID_CHILD, str(n), form], capture_output=True, text=True,
+                                 check=True).stdout.split()
+            rows.append((n, form, float(out[0]), float(out[1])))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set-size", type=int, default=1000)
+    parser.add_argument("--fid-sizes", default="2000,10000,36500",
+                        help="comma-separated set sizes for the FID scaling table (ASUKA's Places2 test set: 36,500)")
+    parser.add_argument("--only-fid-scale", action="store_true", help="print only the FID scaling table")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a machine shared with other jobs use 1, "
                              "OpenMP spin-waiting makes multi-threaded timings meaningless there)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sizes = [int(v) for v in args.fid_sizes.split(",") if v]
+    print(f"\nFID at paper scale, synthetic 2048-d features ({torch.get_num_threads()} threads)\n")
+    print("| N | form | seconds | peak extra RSS (MiB) |\n|---:|---|---:|---:|")
+    for n, form, seconds, mib in fid_scale_table(sizes):
+        label = {"product": "product N×N (forced)", "covariance": "covariance D×D (forced)"}.get(
+            form, "auto: product N×N" if n <= 2048 else "auto: covariance D×D")
+        print(f"| {n} | {label} | {seconds:.2f} | {mib:.0f} |")
+    if args.only_fid_scale:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = per_image_table(args.size, args.batch, args.repeats, Path(tmp))
     print(f"\nPer-image metrics at {args.size}², batch {args.batch}, CPU ({torch.get_num_threads()} threads)\n")

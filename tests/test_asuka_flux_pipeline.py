@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, FluxFillPipeline
 
 from asuka.models import convert
 from asuka.models.decoder import HarmonizingDecoderKL
-from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline, tiny_asuka_flux_pipeline
+from asuka.pipelines.asuka_flux.pipeline import AsukaFluxFillPipeline, tiny_asuka_flux_pipeline
 from asuka.errors import InputError
 from flux_support import to_ldm_decoder, to_sequential_head
 
@@ -92,10 +92,15 @@ def test_condition_is_aligned_prior_interpolated_toward_nulls(pipe):
 
 def test_harmonizing_decode_uses_shift_and_full_image(pipe):
     _, image, mask = _inputs()
-    generator = torch.Generator().manual_seed(3)
-    latents = pipe(image, mask, num_inference_steps=STEPS, generator=generator, output_type="latent").images
+    final = {}
+
+    def keep_latents(_pipe, step, t, tensors):
+        final["latents"] = tensors["latents"]
+        return {}
+
     out = pipe(image, mask, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="pt",
-               paste_back=False).images
+               paste_back=False, callback_on_step_end=keep_latents).images
+    latents = final["latents"]
     vae = pipe.vae
     assert isinstance(vae, HarmonizingDecoderKL) and vae.config.shift_factor == pytest.approx(0.1159)
     z = pipe._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
@@ -179,16 +184,45 @@ def test_rejects_vae_without_shift(pipe):
 
 
 def test_registry_method_runs_the_offline_tiny_demo(monkeypatch, tmp_path):
+    from asuka.api import Inpainter
     from asuka.pipelines._registry import available_methods, get_method
 
     monkeypatch.setenv("ASUKA_CACHE", str(tmp_path))
     assert "asuka-flux" in available_methods()
-    method = get_method("asuka-flux")
-    runner = method.load()  # the tiny random demo folder, written offline under $ASUKA_CACHE
-    assert runner.multiple == 16 and (tmp_path / "tiny-asuka-flux" / "model_index.json").is_file()
+    assert get_method("asuka-flux").spec.defaults() == {"num_inference_steps": 50, "guidance_scale": 30.0,
+                                                        "condition_weight": 0.5}
+    inpainter = Inpainter("asuka-flux", options={"num_inference_steps": 1})  # the tiny demo folder, written offline
     _, image, mask = _inputs()
-    out = runner(image[..., :32, :48], mask[..., :32, :48], generator=torch.Generator().manual_seed(0),
-                 num_inference_steps=1, progress_bar=False)
-    direct = runner.pipe(image[..., :32, :48], mask[..., :32, :48], generator=torch.Generator().manual_seed(0),
-                         num_inference_steps=1, paste_back=False, output_type="pt").images * 2 - 1
-    assert out.shape == (1, 3, 32, 48) and torch.equal(out, direct)
+    out = inpainter(image[..., :32, :48], mask[..., :32, :48], seed=0, paste_back=False)
+    assert (tmp_path / "tiny-asuka-flux" / "model_index.json").is_file()
+    direct = inpainter.runner.pipe(image[..., :32, :48], mask[..., :32, :48], generator=[torch.Generator().manual_seed(0)],
+                                   num_inference_steps=1, paste_back=False, output_type="pt").images * 2 - 1
+    assert out.shape == (1, 3, 32, 48)
+    torch.testing.assert_close(out, direct, atol=1e-6, rtol=0)
+
+
+def test_builder_swaps_in_a_16_channel_decoder_and_rejects_others(pipe, tmp_path):
+    from asuka.models.tiny import tiny_vae
+    from asuka.pipelines.asuka_flux.pipeline import build_asuka_flux
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    decoder = HarmonizingDecoderKL.from_vae(pipe.vae)
+    runner = build_asuka_flux(tmp_path / "pipe", device=torch.device("cpu"), dtype=torch.float32, vae=decoder)
+    assert runner.pipe.vae is decoder
+    with pytest.raises(InputError, match="16-channel"):
+        build_asuka_flux(tmp_path / "pipe", device=torch.device("cpu"), dtype=torch.float32,
+                         vae=HarmonizingDecoderKL.from_vae(tiny_vae()))
+
+
+def test_model_cpu_offload_hooks_give_the_same_images(tiny_flux_fill_dir):
+    """enable_model_cpu_offload's accelerate hooks (here with the CPU as execution device: the hook path, not the
+    transfer) leave the result unchanged; model_cpu_offload_seq names every model component."""
+    offloaded = tiny_asuka_flux_pipeline(tiny_flux_fill_dir)
+    offloaded.set_progress_bar_config(disable=True)
+    _, image, mask = _inputs()
+    kwargs = dict(num_inference_steps=1, output_type="pt")
+    ref = offloaded(image, mask, generator=torch.Generator().manual_seed(0), **kwargs).images
+    offloaded.enable_model_cpu_offload(device="cpu")
+    out = offloaded(image, mask, generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert set(offloaded.model_cpu_offload_seq.split("->")) == {"mae", "aligner", "transformer", "vae"}

@@ -121,10 +121,27 @@ def test_nothing_installed_and_inactive_controls_are_bit_exact(unet):
     assert torch.equal(_run(unet, sample, text), plain)
 
 
-def test_read_only_controls_keep_output_bit_exact(unet):
+class NoEdit(AttentionControl):
+    """Active, overrides every SDPA-path hook, edits nothing."""
+
+    def keys_values(self, call, key, value):
+        return None
+
+    def score_bias(self, call):
+        return None
+
+    def row_bias(self, call):
+        return None
+
+    def prob_weight(self, call):
+        return None
+
+
+def test_read_only_and_identity_controls_keep_output_bit_exact(unet):
     sample, text = _inputs()
     plain = _run(unet, sample, text)
     controller = AttentionController(unet)
+    controller.add(NoEdit(), controller.layers)
     store = controller.add(AttentionStore(Read("scores", batch="all", heads="each")), controller.layers)
     with controller:
         assert torch.equal(_run(unet, sample, text), plain)
@@ -267,7 +284,8 @@ class MaskedBias(Gate):
         m = self.masks.for_call(call)  # (B, N)
         hole_q, known_k = m[:, None, :, None] > 0.5, m[:, None, None, :] < 0.5
         bias = torch.where(hole_q & known_k, float("-inf"), 0.0) + torch.where(hole_q & ~known_k, 0.7, 0.0)
-        bias[call.cond.start * 0: call.cond.start] = 0  # uncond half untouched
+        bias = bias.expand(call.batch_size, -1, -1, -1).clone()
+        bias[: call.cond.start] = 0  # uncond half untouched
         return bias
 
 
@@ -518,3 +536,68 @@ def test_gradient_reads_head_mean_equal_direct_autograd(unet):
         handle.remove()
     torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-5)
     assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0  # only the cond sample carries the gradient
+
+
+def test_cfg_batch_equals_single_runs_with_per_sample_masks(unet):
+    """Per-sample masks and the [uncond, cond] layout: a batch of 2 prompts equals each prompt run alone."""
+    masks = _hole_masks()
+    sample, text = _inputs(batch=4)  # rows: uncond 0, uncond 1, cond 0, cond 1
+
+    def run(rows, mask):
+        token_masks = TokenMasks(mask)
+        controller = AttentionController(unet)
+        controller.add(MaskedBias(token_masks), controller.layers.select(kind="self", levels=1))
+        controller.add(RankTwoWeight(token_masks), controller.layers.select(kind="self", levels=2))
+        controller.add(ColumnFactor(token_masks, torch.linspace(0, 1, 24)), controller.layers.select(kind="self", levels=1))
+        store = controller.add(AttentionStore(Read("probs", batch="cond")), controller.layers.select(kind="cross", levels=2))
+        with controller:
+            controller.state.cfg, controller.state.phase = True, "on"
+            out = _run(unet, sample[rows], text[rows])
+        return out, torch.cat(store.maps, 1)
+
+    both, both_maps = run([0, 1, 2, 3], masks)
+    for i in range(2):
+        alone, alone_maps = run([i, 2 + i], masks[i:i + 1])
+        torch.testing.assert_close(both[[i, 2 + i]], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(both_maps[i:i + 1], alone_maps, atol=1e-6, rtol=0)
+
+
+def test_two_unets_in_one_process_do_not_interfere(unet):
+    other = tiny_unet(in_channels=4, seed=1).requires_grad_(False)
+    sample, text = _inputs(batch=2)
+    first, second = AttentionController(unet), AttentionController(other)
+    store1 = first.add(AttentionStore(Read("probs")), first.layers.select(kind="cross", levels=2))
+    store2 = second.add(AttentionStore(Read("probs")), second.layers.select(kind="cross", levels=0))
+    plain_other = _run(other, sample, text)
+    with first, second:
+        second.state.cfg = True
+        _run(unet, sample, text)
+        assert len(store1.maps) == 5 and store2.maps == []
+        assert torch.equal(_run(other, sample, text), plain_other)
+        assert len(store1.maps) == 5 and len(store2.maps) == 5
+    assert store1.maps[0].shape[0] == 2 and store2.maps[0].shape[0] == 1  # each its own CallState (cfg)
+
+
+def test_scores_are_float32_under_bfloat16(unet):
+    import copy
+
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    layer = LayerTable(half).by_name(LEVEL1_SELF)
+    masks = TokenMasks(_hole_masks())
+    controller = AttentionController(half)
+    store = controller.add(AttentionStore(Read("scores", heads="each")), layer)
+    controller.add(ColumnFactor(masks, torch.linspace(0, 1, 24)), layer)
+    sample, text = _inputs(dtype=torch.bfloat16)
+    seen = {}
+    handle = layer.module.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    try:
+        with controller:
+            controller.state.cfg, controller.state.phase = True, "on"
+            out = _run(half, sample, text)
+    finally:
+        handle.remove()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    q, k, _ = _qkv(layer.module, seen["x"], None)  # bfloat16 projections
+    ref = (q.float() @ k.float().transpose(-1, -2) * layer.module.scale)[2:]  # products and sums in float32
+    assert store.maps[0].dtype == torch.float32
+    torch.testing.assert_close(store.maps[0], ref, atol=1e-5, rtol=1e-5)

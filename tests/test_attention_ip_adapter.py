@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 from PIL import Image
 
-from asuka.attention import AttentionControl, AttentionController, AttentionStore, Read
+from asuka.attention import AttentionControl, AttentionController, AttentionStore, LayerTable, Read
 from asuka.models.tiny_ip_adapter import load_tiny_ip_adapter, save_tiny_ip_adapter
 
 LATENT = (8, 8)
@@ -48,6 +48,7 @@ def _run(unet, sample, text, added):
 def test_tiny_ip_adapter_files_load_through_the_real_loader(tiny_inpaint_dir, ip_folder, variant, projection):
     pipe = _pipe(tiny_inpaint_dir, ip_folder, variant)
     assert isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], projection)
+    assert len(LayerTable(pipe.unet)) == 32  # the Plus resampler's own Attention modules are not UNet layers
     cross = [p for name, p in pipe.unet.attn_processors.items() if name.endswith("attn2.processor")]
     assert len(cross) == 16 and all(isinstance(p, IPAdapterAttnProcessor2_0) for p in cross)
     sample, text, added = _unet_inputs(pipe)
@@ -77,6 +78,17 @@ def test_controls_on_ip_adapter_layers_keep_the_image_branch(tiny_inpaint_dir, i
         assert all(id(p) in params for proc in before.values() for p in getattr(proc, "parameters", list)())
         assert torch.equal(_run(unet, sample, text, added), plain)  # reading only: bit for bit
     assert len(store.maps) == 16 and store.maps[0].shape[-1] == 7  # text keys only, image tokens not mixed in
+
+    # IP-Adapter masks (cross_attention_kwargs) still reach the image branch through the installed processors
+    region = torch.zeros(1, 1, 64, 64)
+    region[..., :, :32] = 1
+    masked = {"ip_adapter_masks": [region]}
+    plain_masked = unet(sample, 400, encoder_hidden_states=text, added_cond_kwargs=added,
+                        cross_attention_kwargs=masked).sample
+    assert (plain_masked - plain).abs().max() > 1e-3
+    with controller:
+        out = unet(sample, 400, encoder_hidden_states=text, added_cond_kwargs=added, cross_attention_kwargs=masked).sample
+        assert torch.equal(out, plain_masked)
 
     layer = controller.layers.select(kind="cross", levels=1)[0]
     seen = {}

@@ -250,6 +250,31 @@ def test_missing_weights_name_the_option_and_source(tmp_path):
         InceptionFeatures(variant="tf")
 
 
+def test_torchvision_inception_pil_preprocessing_equals_transforms_on_8bit_images(tmp_path):
+    """resize="pil" = torchvision's ImageNet transforms on 8-bit PIL images (ASUKA's cal_ids.py input path)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    path = save_random_inception_weights(tmp_path / "tv.pth", variant="torchvision")
+    images, _ = _pair(5)
+    ours = InceptionFeatures(path, variant="torchvision", resize="pil")(images)
+    reference = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                                init_weights=False)
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    prep = transforms.Compose([transforms.Resize(342), transforms.CenterCrop(299), transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        expected = reference(torch.stack([prep(Image.fromarray(p)) for p in pixels]))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    tensor_path = InceptionFeatures(path, variant="torchvision")(images)
+    assert not torch.allclose(tensor_path, ours, atol=1e-6)
+    with pytest.raises(ValueError, match="resize"):
+        InceptionFeatures(path, variant="torchvision", resize="cv2")
+
+
 # ---------------------------------------------------------------- LPIPS
 @pytest.mark.parametrize("net,builder", [("alex", "alexnet"), ("squeeze", "squeezenet1_1")])
 def test_lpips_identical_zero_and_matches_torchmetrics(tmp_path, net, builder):

@@ -3,19 +3,12 @@ T2I-Adapter and IP-Adapter (conditional half in the gradient pass), LoRA, and a 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
+from pilot_support import one_thread, sd_dir  # noqa: F401  (fixtures)
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    from asuka.models.tiny import save_tiny_sd
-
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 def _load(sd_dir, **components):

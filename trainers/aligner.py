@@ -71,14 +71,10 @@ def swap_to_reconstructed(mask: torch.Tensor, p: float | torch.Tensor, generator
 
 def sd_inpaint_source(path: str | Path) -> str:
     """An SD-inpainting pipeline folder (must hold ``unet/``), a hub id, or ``"tiny"`` (the tiny CPU-demo folder)."""
-    path = expand_tiny(path)
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute() or str(path).startswith("."):
-        if not (p / "unet" / "config.json").is_file():
-            raise FileNotFoundError(f"sd_inpaint={str(path)!r} has no unet/config.json; pass a diffusers "
-                                    "SD-inpainting pipeline folder, a hub id or 'tiny'")
-        return str(p)
-    return str(path)  # a hub id, resolved by diffusers
+    from asuka.weights import resolve_pretrained
+
+    return resolve_pretrained(expand_tiny(path), field="sd_inpaint", marker="unet/config.json",
+                              what="diffusers SD-inpainting pipeline ('tiny' for the demo one)")
 
 
 class AlignerModule(StageModule):

@@ -280,8 +280,12 @@ class DecoderModule(StageModule):
         d_opt.zero_grad(set_to_none=True)
         for scheduler in self.lr_schedulers():
             scheduler.step()
+        # the bar shows the terms a person reads (L1 in [0, 2], LPIPS); "train/loss" is the generator objective, whose
+        # NLL term sums over pixels (LDM's convention, ~1e3-1e4) and is only comparable between runs
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=image.shape[0])
-        self.log("train/loss", g_total, on_step=True, on_epoch=False, prog_bar=True, batch_size=image.shape[0])
+        self.log_dict({"l1": l1, "lpips": lpips_value}, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                      batch_size=image.shape[0])
+        self.log("train/loss", g_total, on_step=True, on_epoch=False, batch_size=image.shape[0])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """One decision for both optimisers: skip both when any loss or gradient of either is not finite."""

@@ -94,6 +94,10 @@ def _parent(root: nn.Module, name: str) -> nn.Module:
 class LayerTable(Sequence[AttentionLayer]):
     """Attention layers in execution order; also the result type of every selection.
 
+    Only the layers of the denoising path (down, mid and up blocks) are listed: ``Attention`` modules
+    elsewhere, such as IP-Adapter-Plus's image resampler under ``encoder_hid_proj``, are not image
+    attention layers and are left out.
+
     Build it from a UNet (``LayerTable(unet)``); it reads module structure only, so it works on the
     meta device. Select with :meth:`select` (all criteria are combined with "and").
     """
@@ -177,7 +181,6 @@ def _collect(unet: nn.Module) -> list[AttentionLayer]:
     names_of = {id(module): name for name, module in unet.named_modules()}
     layers: list[AttentionLayer] = []
     counts = {kind: 0 for kind in KINDS}
-    seen = set()
     for place, block_index, block, level in _block_levels(unet):
         for module in block.modules():
             if not isinstance(module, Attention):
@@ -198,8 +201,4 @@ def _collect(unet: nn.Module) -> list[AttentionLayer]:
                 transformer_block=_parent(unet, name),
             ))
             counts[kind] += 1
-            seen.add(id(module))
-    missed = [name for name, module in unet.named_modules() if isinstance(module, Attention) and id(module) not in seen]
-    if missed:
-        raise ValueError(f"attention layers outside the down/mid/up blocks are not supported: {missed}")
     return layers

@@ -10,7 +10,7 @@ image branch (its trained ``to_k_ip`` / ``to_v_ip`` weights are used, unmasked, 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -37,10 +37,11 @@ def _overrides(control: AttentionControl, hook: str) -> bool:
 
 @dataclass(frozen=True)
 class ControlEntry:
-    """A control on a layer, the state of the controller that installed it, and its hooks (read once)."""
+    """A control on a layer, the state of the controller that installed it, and the hooks it overrides."""
 
     control: AttentionControl
     state: CallState
+    hooks: frozenset[str] = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "hooks", frozenset(h for h in _HOOKS if _overrides(self.control, h)))
@@ -77,8 +78,10 @@ class ControlledAttnProcessor(nn.Module):
         self.block_input = None
         self.block_encoder_hidden_states = None
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                ip_adapter_masks=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None, **kwargs):
+        # ``__call__`` itself (not ``forward``): diffusers' Attention.forward passes on only the keyword
+        # arguments named in ``inspect.signature(processor.__call__)`` (e.g. ``ip_adapter_masks``)
         try:
             active = [e for e in self.entries if e.control.active(self.layer, e.state)]
             if not active:

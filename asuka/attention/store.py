@@ -15,7 +15,9 @@ class AttentionStore(AttentionControl):
 
     ``when(layer, state)`` gates storing (default: always). ``maps`` and ``layers`` are parallel lists in
     call order; :meth:`clear` empties them - call it before every UNet call whose maps you want, so no
-    graph outlives its step. With ``read.grad`` the maps keep their autograd graph.
+    graph outlives its step. With ``read.grad`` the maps keep their autograd graph. Under UNet gradient
+    checkpointing (diffusers recomputes blocks in backward when grad is enabled) processors run again
+    during backward and a store would receive those calls too: keep checkpointing off while storing.
     """
 
     def __init__(self, read: Read, when: Callable[[AttentionLayer, CallState], bool] | None = None):

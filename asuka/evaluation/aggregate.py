@@ -75,8 +75,8 @@ def load_shards(folder: str | Path, count: int | None = None
     return metas[0], records, torch.cat(reals)[order], torch.cat(fakes)[order]
 
 
-def _set_metrics(real: torch.Tensor, fake: torch.Tensor, meta: dict) -> dict:
-    from asuka.metrics import fid_from_features, inception_discriminative_scores, kid_from_features
+def _set_metrics(real: torch.Tensor, fake: torch.Tensor, meta: dict, *, overall: bool) -> dict:
+    from asuka.metrics import fid_from_features, kid_from_features
 
     names = set(meta["metrics"])
     if real.shape[0] < 2:
@@ -87,14 +87,28 @@ def _set_metrics(real: torch.Tensor, fake: torch.Tensor, meta: dict) -> dict:
     if "kid" in names:
         out.update(kid_from_features(real, fake, subsets=meta["kid_subsets"], subset_size=meta["kid_subset_size"]))
     if "ids" in names:
-        pca = meta.get("ids_pca_dim")
-        ok = pca is None or pca <= min(2 * real.shape[0], real.shape[1])
-        out.update(inception_discriminative_scores(real, fake, pca_dim=pca) if ok else {"u_ids": None, "p_ids": None})
+        out.update(_ids(real, fake, meta.get("ids_pca_dim"), overall=overall))
     return out
 
 
+def _ids(real: torch.Tensor, fake: torch.Tensor, pca: int | None, *, overall: bool) -> dict:
+    """U-/P-IDS of one group under the group-size rule (:func:`asuka.metrics.ids_min_pairs` of the SVM's input
+    dimension): a smaller group is left out (``None``) — its value says nothing, every labeling being nearly
+    separable —, except the overall set, which papers report whatever its size, and which is then flagged
+    ``ids_reliable: false``. ``ids_min_pairs`` records the bound."""
+    from asuka.metrics import ids_min_pairs, inception_discriminative_scores
+
+    n, dim = real.shape[0], pca or real.shape[1]
+    minimum = ids_min_pairs(dim)
+    fits = pca is None or pca <= min(2 * n, real.shape[1])
+    if not fits or (n < minimum and not overall):
+        return {"u_ids": None, "p_ids": None, "ids_min_pairs": minimum}
+    return {**inception_discriminative_scores(real, fake, pca_dim=pca), "ids_min_pairs": minimum,
+            "ids_reliable": n >= minimum}
+
+
 def _summarise(rows: list[int], records: list[dict], real: torch.Tensor | None, fake: torch.Tensor | None,
-               meta: dict) -> dict:
+               meta: dict, *, overall: bool = False) -> dict:
     out: dict = {"n": len(rows)}
     names = [k for k in records[rows[0]] if k not in _NOT_METRICS]
     for name in names:
@@ -104,7 +118,7 @@ def _summarise(rows: list[int], records: list[dict], real: torch.Tensor | None, 
             out[f"{name}_undefined"] = len(rows) - len(values)
     if real is not None:
         index = torch.tensor(rows)
-        out.update(_set_metrics(real[index], fake[index], meta))
+        out.update(_set_metrics(real[index], fake[index], meta, overall=overall))
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
@@ -116,7 +130,7 @@ def summarise(meta: dict, records: list[dict], real: torch.Tensor | None, fake: 
     for i, record in enumerate(records):
         groups["by_domain"].setdefault(record["domain"], []).append(i)
         groups["by_hole_ratio"].setdefault(hole_bin(record["hole_ratio"]), []).append(i)
-    result = {"overall": _summarise(list(range(len(records))), records, real, fake, meta)}
+    result = {"overall": _summarise(list(range(len(records))), records, real, fake, meta, overall=True)}
     if set(groups["by_domain"]) != {"all"}:
         result["by_domain"] = {d: _summarise(r, records, real, fake, meta) for d, r in groups["by_domain"].items()}
     bins = sorted(groups["by_hole_ratio"].items(), key=lambda kv: int(kv[0].split("-")[0]))

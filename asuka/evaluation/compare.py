@@ -18,7 +18,7 @@ from asuka.pipelines._common import load_image, to_pil
 from asuka.tensors import MASK_THRESHOLD, paste_back
 
 from .dataset import EvalItem, find_prediction, load_pair
-from .report import COLUMNS, LABELS, cell
+from .report import COLUMNS, LABELS, cell, ids_note
 
 _LOWER_IS_BETTER = {"lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "grad"}
 
@@ -48,6 +48,8 @@ def comparison_markdown(results: Mapping[str, dict]) -> str:
             n = next((by_method[m][label]["n"] for m in names if label in by_method[m]), 0)
             cells = [f"**{cell(metric, v)}**" if v is not None and v == best else cell(metric, v) for v in values]
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        if metric in ("u_ids", "p_ids") and (note := ids_note(row for r in by_method.values() for row in r.values())):
+            lines += ["", note]
         lines.append("")
     return "\n".join(lines)
 

@@ -41,7 +41,23 @@ def markdown_table(summary: dict, title: str = "") -> str:
     lines.append("|---|---:|" + "---:|" * len(columns))
     for label, row in rows:
         lines.append(f"| {label} | {row['n']} | " + " | ".join(cell(c, row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    note = ids_note(row for _, row in rows)
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
+def ids_note(rows) -> str:
+    """The footnote explaining IDS cells left out (or flagged) by the group-size rule, or ``""``."""
+    rows = [row for row in rows if "ids_min_pairs" in row]
+    if not rows:
+        return ""
+    minimum = rows[0]["ids_min_pairs"]
+    text = (f"U-/P-IDS are shown for groups of at least {minimum} image pairs (4 × (D + 1), D = the SVM's input "
+            "dimension); in smaller groups a linear SVM separates real from fake features even when they come from "
+            "one distribution, so those cells are left empty (–).")
+    if any(row.get("ids_reliable") is False for row in rows):
+        text += " The overall U-/P-IDS come from fewer pairs than that and are biased low; compare them only with " \
+                "numbers computed on the same set size."
+    return text
 
 
 def example_grid(items: Sequence[EvalItem], predictions: Path, path: Path, *, count: int = 8,

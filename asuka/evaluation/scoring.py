@@ -44,10 +44,13 @@ class MetricConfig:
     lpips_weights: str | None = None
     inception_weights: str | None = None
     inception_variant: str = "fidelity"
+    inception_resize: str = "tensor"
     clip_model: str | None = None
     clip_region: str = "hole"
     ssim_gray: bool = True
     ids_pca_dim: int | None = None
+    grad_empty_edge: str = "nan"
+    protocol: str = "default"
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     allow_download: bool = False
@@ -64,24 +67,28 @@ class MetricConfig:
             return tuple(names)
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
-            raise InputError(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+            raise InputError(f"unknown metric(s) {unknown}; choose from {','.join(METRICS)}", "metrics")
         if "clip" in self.metrics and not self.clip_model:
-            raise InputError("--metrics clip needs --clip-model (a local CLIP folder or a hub id such as "
-                             "openai/clip-vit-large-patch14)")
+            raise InputError("the clip metric needs a CLIP model (a local CLIP folder or a hub id such as "
+                             "openai/clip-vit-large-patch14)", "clip_model")
         return tuple(dict.fromkeys(self.metrics))
 
     def describe(self) -> dict:
         """The settings that change the numbers, for the report."""
         names = self.resolved()
-        out = {"metrics": list(names), "protocol": "composite = pred*m + gt*(1-m), m = mask >= 0.5; "
+        out = {"protocol": self.protocol, "metrics": list(names),
+               "composite": "composite = pred*m + gt*(1-m), m = mask >= 0.5; "
                                                    "*_known on the raw prediction over known pixels",
                "ssim": "grayscale (ASUKA)" if self.ssim_gray else "RGB mean", "psnr_eps": 1e-7}
         if "lpips" in names:
             out["lpips_net"] = self.lpips_net
         if set(SET_METRICS) & set(names):
             out["inception_variant"] = self.inception_variant
+            out["inception_resize"] = self.inception_resize
         if "ids" in names:
             out["ids_pca_dim"] = self.ids_pca_dim
+        if "grad" in names:
+            out["grad_empty_edge"] = self.grad_empty_edge
         if "kid" in names:
             out["kid_subsets"] = self.kid_subsets
         if "clip" in names:
@@ -100,7 +107,8 @@ class MetricSuite:
         self.lpips = (LPIPS(config.lpips_net, config.lpips_weights, allow_download=config.allow_download)
                       .to(self.device) if "lpips" in self.names else None)
         self.inception = (InceptionFeatures(config.inception_weights, variant=config.inception_variant,
-                                            allow_download=config.allow_download).to(self.device)
+                                            allow_download=config.allow_download, resize=config.inception_resize)
+                          .to(self.device)
                           if set(SET_METRICS) & set(self.names) else None)
         self.clip = CLIPScore(config.clip_model, region=config.clip_region).to(self.device) \
             if "clip" in self.names else None
@@ -123,7 +131,7 @@ class MetricSuite:
         if self.lpips is not None:
             out[self.lpips.name] = self.lpips(comp, gt).double().cpu()
         if "grad" in self.names:
-            out["grad"] = boundary_gradient(comp, gt, m)
+            out["grad"] = boundary_gradient(comp, gt, m, empty_edge=self.config.grad_empty_edge)
         if self.clip is not None:
             out["clip"] = self.clip(comp, gt, m)
         features = None

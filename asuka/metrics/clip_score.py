@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from asuka.tensors import to_uint8
+from asuka.weights import resolve_pretrained
 
 
 def _embedding(output) -> torch.Tensor:
@@ -33,12 +34,7 @@ class CLIPScore(nn.Module):
 
         if region not in ("hole", "full"):
             raise ValueError(f"region must be 'hole' or 'full', got {region!r}.")
-        name, local = str(model), Path(model).expanduser()
-        if (name.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-            raise FileNotFoundError(f"--clip-model: no such folder {name!r} (a saved CLIPModel + CLIPProcessor, "
-                                    f"or a hub id such as 'openai/clip-vit-large-patch14').")
-        if local.is_dir():
-            name = str(local)
+        name = resolve_pretrained(model, field="clip_model", what="CLIPModel + CLIPProcessor")
         self.model_name = str(model)
         self.region = region
         self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)

@@ -476,7 +476,7 @@ def convert_asuka_flux_release(release: PathLike, flux_fill: PathLike, out: Path
     encoder, ``scaling_factor`` 0.3611 and ``shift_factor`` 0.1159). ``mae_options``: ``MAEPrior`` config entries
     (the release is ViT-B/16 with the official options off). Returns ``out``.
     """
-    from asuka.pipelines.asuka_flux import AsukaFluxFillPipeline
+    from asuka.pipelines.asuka_flux.pipeline import AsukaFluxFillPipeline
 
     release = Path(release)
     files = {name: release / file for name, file in ASUKA_FLUX_RELEASE_FILES.items()}

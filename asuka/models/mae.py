@@ -30,6 +30,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
@@ -122,25 +123,29 @@ def _area_linear_weights(src: int, dst: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _inter_area_matrices(size_in: tuple[int, int], size_out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (H', H), columns (W', W)) float64 CPU matrices of ``cv2.resize(INTER_AREA)`` (separable in both paths)."""
+def _inter_area_matrices(size_in: tuple[int, int], size_out: tuple[int, int], device: torch.device,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (H', H), transposed columns (W, W')) matrices of ``cv2.resize(INTER_AREA)`` (separable in both paths),
+    built once per sizes, device and dtype (no host-to-device copy per call)."""
     (h, w), (oh, ow) = size_in, size_out
     weights = _area_weights if oh <= h and ow <= w else _area_linear_weights
-    return weights(h, oh), weights(w, ow)
+    return weights(h, oh).to(device, dtype), weights(w, ow).T.contiguous().to(device, dtype)
 
 
-def _nearest_indices(src: int, dst: int) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def _nearest_indices(src: int, dst: int, device: torch.device) -> torch.Tensor:
     """``cv2.INTER_NEAREST``'s source index per output pixel: ``min(floor(d · (1 / (dst/src))), src - 1)`` in double
-    precision, OpenCV's exact rounding (torch's ``"nearest"`` differs where ``d·src/dst`` is an integer)."""
+    precision, OpenCV's exact rounding (torch's ``"nearest"`` differs where ``d·src/dst`` is an integer); built once
+    per sizes and device."""
     scale = 1.0 / (dst / src)
-    return [min(math.floor(d * scale), src - 1) for d in range(dst)]
+    return torch.tensor([min(math.floor(d * scale), src - 1) for d in range(dst)], device=device)
 
 
 def resize_mask_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize (B, C, H, W) exactly like ``cv2.resize(..., interpolation=cv2.INTER_NEAREST)``: two index gathers."""
     h, w = mask.shape[-2:]
-    rows = torch.tensor(_nearest_indices(h, int(size[0])), device=mask.device)
-    cols = torch.tensor(_nearest_indices(w, int(size[1])), device=mask.device)
+    rows = _nearest_indices(h, int(size[0]), mask.device)
+    cols = _nearest_indices(w, int(size[1]), mask.device)
     return mask.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -156,11 +161,9 @@ def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     size = (int(size[0]), int(size[1]))
     if (h, w) == size:
         return x
-    rows, cols = _inter_area_matrices((h, w), size)
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    rows = rows.to(device=x.device, dtype=compute)
-    cols = cols.to(device=x.device, dtype=compute)
-    return (rows @ x.to(compute) @ cols.T).to(x.dtype)
+    rows, cols_t = _inter_area_matrices((h, w), size, x.device, compute)
+    return (rows @ x.to(compute) @ cols_t).to(x.dtype)
 
 
 def preprocess(image: torch.Tensor, mask: torch.Tensor, size: int = 256,
@@ -529,6 +532,7 @@ class MAEPrior(ModelMixin, ConfigMixin):
         decoder blocks (the call the aligner trainer makes on batches it preprocessed itself)."""
         return self.forward(x, mask, feature_layer=feature_layer, return_image=False).features
 
+    @apply_forward_hook  # under enable_model_cpu_offload the model moves to the GPU before the inputs follow it
     def prior(self, image: torch.Tensor, mask: torch.Tensor, return_image: bool = True) -> MAEPriorOutput:
         """ASUKA's MAE prior for ``image`` (B, 3, H, W) in [-1, 1] and ``mask`` (B, 1, H, W), 1 = hole, any size.
 

@@ -42,6 +42,7 @@ from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
 from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, unet_input
+from asuka.weights import load_autoencoder, resolve_pretrained
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
 
@@ -93,12 +94,12 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         for name, value, marker in (("sd_inpaint", sd_inpaint, "unet/config.json"), ("mae", mae, "config.json"),
                                     ("aligner", aligner, "config.json"), ("vae", vae, "config.json")):
             if value is not None:
-                _check_local_folder(value, name, marker)
+                resolve_pretrained(value, field=name, marker=marker)
         unet = UNet2DConditionModel.from_pretrained(sd_inpaint, subfolder="unet", torch_dtype=torch_dtype, **load_kwargs)
         if vae is None:
             vae_model = AutoencoderKL.from_pretrained(sd_inpaint, subfolder="vae", torch_dtype=torch_dtype, **load_kwargs)
         else:
-            vae_model = _model_class(vae).from_pretrained(vae, torch_dtype=torch_dtype)
+            vae_model = load_autoencoder(vae, dtype=torch_dtype, field="vae")
         if scheduler is None:
             config = DDIMScheduler.load_config(sd_inpaint, subfolder="scheduler", **load_kwargs)
             scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
@@ -218,25 +219,6 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)
-
-
-def _check_local_folder(path: str | Path, name: str, marker: str) -> None:
-    """A path that looks local must hold ``marker``; anything else (``owner/name``) is a hub id left to diffusers."""
-    p = Path(path)
-    if (p.is_absolute() or str(path).startswith(".") or p.exists()) and not (p / marker).is_file():
-        raise FileNotFoundError(f"{name}={str(path)!r} has no {marker}; pass a save_pretrained folder "
-                                f"(e.g. written by `python -m trainers.export`) or a hub id.")
-
-
-def _model_class(folder: str | Path) -> type:
-    """The class a save_pretrained folder names in its config (diffusers, or asuka's HarmonizingDecoderKL)."""
-    name = AutoencoderKL.load_config(folder)["_class_name"]
-    if hasattr(diffusers, name):
-        return getattr(diffusers, name)
-    if hasattr(_decoder, name):
-        return getattr(_decoder, name)
-    raise ValueError(f"vae folder {str(folder)!r} holds a {name!r}, which is neither a diffusers class nor "
-                     f"asuka's HarmonizingDecoderKL; pass an autoencoder export.")
 
 
 # ---------------------------------------------------------------------------------------------- registry

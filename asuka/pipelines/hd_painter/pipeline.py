@@ -34,15 +34,12 @@ from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, de
 from asuka.pipelines._sampling import denoise
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
+from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT
 from asuka.pipelines.hd_painter.preprocess import (dilate, latent_mask, pad_bottom_right, resize_mask_bicubic,
                                                    token_weights, working_size)
 from asuka.tensors import paste_back as paste_known_pixels
 from asuka.tensors import resize_image
 
-POSITIVE_PROMPT = "Full HD, 4K, high quality, high resolution"
-NEGATIVE_PROMPT = ("text, bad anatomy, bad proportions, blurry, cropped, deformed, disfigured, duplicate, error, "
-                   "extra limbs, gross proportions, jpeg artifacts, long neck, low quality, lowres, malformed, morbid, "
-                   "mutated, mutilated, out of frame, ugly, worst quality")
 WORKING_LONG_SIDE = 512
 PAD_MULTIPLE = 64
 
@@ -80,7 +77,7 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         """The official sampler on the loaded noise schedule: DDIM, trailing timesteps (999, 979, ... for 50 steps),
         ``set_alpha_to_one`` (the last step returns its x0), no clipping or thresholding."""
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False, thresholding=False, steps_offset=0)
+                                         clip_sample=False, thresholding=False)
 
     def prompt_tokens(self, prompts: list[str], full_prompts: list[str]) -> torch.Tensor:
         """PAIntA's / RASG's token weights (B, 77): the words of each prompt + the EOT of its full prompt."""
@@ -116,7 +113,7 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         eta: float = 0.1,
         sigma_mode: str = "official",
         painta_smoothing: bool = True,
-        rasg_low_memory: bool = False,
+        rasg_low_memory: bool = True,
         working_long_side: int = WORKING_LONG_SIDE,
         mask_dilation: int = 1,
         paste_back: bool = False,
@@ -143,8 +140,9 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
             eta, sigma_mode: RASG's eta (official 0.1; the evaluation script uses 0.25) and its sigma formula:
                 "official" (per-step alphas, as the released code) or "paper" (DDIM's cumulative-alpha sigma).
             painta_smoothing: the official 3x3 Gaussian smoothing of PAIntA's c (not in the paper).
-            rasg_low_memory: run the unconditional half without an autograd graph, as a separate UNet pass (less
-                memory, one more UNet call per step; equal up to floating-point batching effects).
+            rasg_low_memory: with RASG, run the conditional half with the autograd graph and the unconditional half
+                as a separate pass without one (on by default: about half the activation memory and less backward
+                work); off = one CFG batch with a graph, as the official code. Equal up to float batching effects.
             working_long_side: long side of the working resolution (official 512; a multiple of 64).
             mask_dilation: pixels of 4-neighbourhood dilation of the working-size mask (official 1).
             paste_back: copy the known pixels of the (resized) input into the output (the official code does not).

@@ -18,6 +18,7 @@ for PIL's, and an output size option (``output_long_side``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -143,8 +144,7 @@ class InpaintSRPipeline(DiffusionPipeline):
         """The official sampler: the folder's DDIM schedule with trailing timesteps and ``set_alpha_to_one`` (the
         last step returns its x0), v-prediction, no clipping."""
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False, thresholding=False, prediction_type="v_prediction",
-                                         steps_offset=0)
+                                         clip_sample=False, thresholding=False, prediction_type="v_prediction")
 
     @torch.no_grad()
     def __call__(
@@ -293,3 +293,50 @@ class InpaintSRPipeline(DiffusionPipeline):
         holes = (mask[:, 0] > 0.5).cpu().numpy()
         out = np.stack([poisson_blend(o, f, m) for o, f, m in zip(origs, fakes, holes)])
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(decoded.device)
+
+
+# ------------------------------------------------------------------------------------------------ after any method
+def load_sr(folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            field: str = "sr") -> InpaintSRPipeline:
+    """Load an x4-upscaler folder or hub id (``StableDiffusionUpscalePipeline`` layout, e.g. a local copy of
+    ``stabilityai/stable-diffusion-x4-upscaler``) as :class:`InpaintSRPipeline`; one-line errors name ``field``."""
+    from asuka.pipelines._registry import load_pipeline
+
+    try:
+        pipe = load_pipeline(InpaintSRPipeline, folder, dtype)
+    except InputError as err:
+        raise InputError(err.message, field) from None
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise InputError(f"cannot load {str(folder)!r} as an x4 upscaler: {' '.join(str(err).split())}", field) from err
+    if pipe.unet.config.in_channels != 7:
+        raise InputError(f"{str(folder)!r} holds a UNet with {pipe.unet.config.in_channels} input channels; the x4 "
+                         "upscaler's has 7 (4 latent + 3 low-resolution RGB)", field)
+    return pipe.to(device)
+
+
+def super_resolve(pipe: InpaintSRPipeline | Callable[[], InpaintSRPipeline], result: torch.Tensor,
+                  image: torch.Tensor, mask: torch.Tensor, prompts: list[str] | None = None, *, seed: int = 0,
+                  progress_bar: bool = False, **options: Any) -> torch.Tensor:
+    """HD-Painter's SR stage after any inpainting method: ``result`` (B,3,h,w) in [-1,1] (the method's output),
+    ``image`` / ``mask`` the originals -> (B,3,H',W') in [-1,1], long side ``output_long_side`` (2048).
+
+    ``pipe`` may be a callable that loads the pipeline: it is called only when some item has a hole (items without
+    one are the original, bicubic-resized, which is what the Poisson blend returns for them). Each item's generator
+    is seeded with ``seed`` (the inpainting step's seed rule). ``options`` go to :class:`InpaintSRPipeline`.
+    """
+    batch = image.shape[0]
+    long_side = options.get("output_long_side", SR_OUTPUT_LONG_SIDE)
+    hr_size, _ = sr_sizes(*image.shape[-2:], long_side)
+    out = resize_image(image.float(), hr_size)
+    holes = (mask.flatten(1) >= 0.5).any(dim=1).tolist()
+    todo = [i for i in range(batch) if holes[i]]
+    if not todo:
+        return out
+    sr = pipe() if callable(pipe) and not isinstance(pipe, InpaintSRPipeline) else pipe
+    sr.set_progress_bar_config(disable=not progress_bar)
+    texts = list(prompts) if prompts else [""] * batch
+    generators = [torch.Generator().manual_seed(seed) for _ in todo]
+    upscaled = sr(image[todo], mask[todo], result[todo], prompt=[texts[i] for i in todo], generator=generators,
+                  output_type="pt", **options).images
+    out[todo] = upscaled.to(out.device, torch.float32) * 2 - 1
+    return out

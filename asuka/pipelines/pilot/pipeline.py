@@ -21,7 +21,7 @@ paper). A hole covering the whole image falls back to plain text-to-image sampli
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -56,6 +56,7 @@ from asuka.pipelines._sampling import (
 from asuka.errors import InputError
 from asuka.pipelines._common import load_image, prepare_inputs
 from asuka.tensors import paste_back as paste_known_pixels
+from asuka.tensors import resize_image
 from asuka.pipelines.pilot.controls import (
     GRADIENT_PHASE,
     GUIDED_PHASE,
@@ -135,8 +136,6 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
                               feature_extractor=feature_extractor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.condition_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
-                                                     do_normalize=False)
 
     # ------------------------------------------------------------------ inputs
     def word_tokens(self, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -151,13 +150,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
 
     def _condition_image(self, image: Any, name: str, batch: int, height: int, width: int, device: torch.device,
                          dtype: torch.dtype) -> torch.Tensor:
-        """A spatial condition (ControlNet / T2I-Adapter) -> (B, 3, H, W) in [0, 1] at the working size."""
-        if isinstance(image, torch.Tensor) and image.is_floating_point():
-            x = (load_image(image, name=name) + 1) / 2
-            x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False) \
-                if tuple(x.shape[-2:]) != (height, width) else x
-        else:
-            x = self.condition_processor.preprocess(image, height=height, width=width).float()
+        """A spatial condition (ControlNet / T2I-Adapter; path, PIL, numpy or a [-1, 1] tensor) -> (B, 3, H, W) in
+        [0, 1] at the working size (resized like images, :func:`asuka.tensors.resize_image`)."""
+        x = (resize_image(load_image(image, name=name), (height, width)) + 1) / 2
         if x.shape[0] not in (1, batch):
             raise InputError(f"{x.shape[0]} condition images for {batch} images; pass one or one per image", name)
         return x.expand(batch, -1, -1, -1).to(device=device, dtype=dtype)
@@ -216,8 +211,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
             lr, lr_schedule ("exp", "constant", "linear"), lr_warmup, momentum: the latent optimiser.
             coef, coef_schedule ("linear", "constant"), coef_area_norm: λ_t = coef·N_bg/coef_area_norm·schedule(t).
             sbc: Semantic Boundary Control on all text cross-attention layers.
-            control_image, controlnet_conditioning_scale: the ControlNet condition (needs ``controlnet``).
-            adapter_image, adapter_conditioning_scale: the T2I-Adapter condition (needs ``adapter``).
+            control_image, controlnet_conditioning_scale: the ControlNet condition (needs ``controlnet``): PIL/numpy,
+                or a tensor (B|1,3,H,W) in [-1, 1]; resized to the image's size, given to the ControlNet in [0, 1].
+            adapter_image, adapter_conditioning_scale: the T2I-Adapter condition (needs ``adapter``), the same way.
             ip_adapter_image / ip_adapter_image_embeds: the IP-Adapter image (after ``load_ip_adapter``).
             generator: one generator or one per image (initial noise, VAE posterior sample, blend noise).
             latents: optional initial noise (B, 4, H/8, W/8).
@@ -274,7 +270,9 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         controller = AttentionController(self.unet)
         recorder = None
         if not full_hole and (sbc or optimising):
-            masks = hole_token_masks(latent_hole)
+            # a sample without a hole keeps its text everywhere (code: no attention mask when nothing is inpainted)
+            has_hole = latent_hole.flatten(1).amax(1).view(-1, 1, 1, 1) > 0
+            masks = hole_token_masks(torch.where(has_hole, latent_hole, 1.0))
             cross = controller.layers.select(kind="cross")
             if sbc:
                 controller.add(BoundaryControl(masks), cross)
@@ -323,10 +321,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         elif "negative_prompt_embeds" in names:
             raise InputError("negative_prompt_embeds exists only with guidance_scale > 1",
                              "callback_on_step_end_tensor_inputs")
-        with ExitStack() as stack:
-            stack.enter_context(frozen(self.unet, self.controlnet, self.adapter, self.vae, self.text_encoder,
-                                       self.image_encoder))
-            stack.enter_context(controller)
+        with frozen(self.unet, self.controlnet, self.adapter, self.vae, self.text_encoder, self.image_encoder), \
+                controller:
             latents = denoise(self, latents, timesteps, noise, tensors=tensors, before=before,
                               extra_step_kwargs=self.prepare_extra_step_kwargs(generator, 0.0),
                               callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=names)

@@ -56,12 +56,11 @@ class PilotRunner(PipelineRunner):
             raise InputError("given but neither a ControlNet nor a T2I-Adapter is loaded; load the method with "
                              "controlnet= or t2i_adapter=", "inputs.control")
         kwargs = dict(prompt=prompt or [""] * batch, negative_prompt=negative_prompt, **options)
-        if control is not None:
-            condition = (control + 1) / 2
+        if control is not None:  # (B,3,H,W) in [-1,1], as the pipeline takes condition tensors
             if pipe.controlnet is not None:
-                kwargs["control_image"] = condition
+                kwargs["control_image"] = control
             if pipe.adapter is not None:
-                kwargs["adapter_image"] = condition
+                kwargs["adapter_image"] = control
         generators = generator if isinstance(generator, list) else [generator] * batch
         if ip_adapter_image is None or all(torch.equal(ip_adapter_image[0], x) for x in ip_adapter_image[1:]):
             ip = None if ip_adapter_image is None else _pil(ip_adapter_image[0])

@@ -50,7 +50,8 @@ from asuka.models.flux_aligner import OFFICIAL_CONDITION_WEIGHT, FluxPriorAligne
 from asuka.models.mae import MAEPrior
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._registry import PipelineRunner, load_pipeline, register_method
+from asuka.pipelines._registry import PipelineRunner, load_pipeline
+from asuka.pipelines._sampling import decode as decode_latents
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
 
@@ -126,6 +127,9 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
             torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         if (aligner is None) == (aligner_clip is None or aligner_t5 is None):
             raise ValueError("pass either aligner= (a FluxPriorAligner folder) or both aligner_clip= and aligner_t5=")
+        if aligner is not None and null_embeddings is not None:
+            raise ValueError("a FluxPriorAligner folder carries its null embeddings; null_embeddings= goes with "
+                             "aligner_clip= / aligner_t5=")
         transformer = FluxTransformer2DModel.from_pretrained(flux_fill, subfolder="transformer",
                                                              torch_dtype=torch_dtype, **load_kwargs)
         flux_vae = AutoencoderKL.from_pretrained(flux_fill, subfolder="vae", torch_dtype=torch_dtype, **load_kwargs)
@@ -181,11 +185,7 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
         """Unpack, undo FLUX's scale and shift, decode; an ``AsymmetricAutoencoderKL`` (the harmonizing decoder) gets
         the full image and the binary mask (``my_decode(z, orig_img, mask)``)."""
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        condition = {}
-        if isinstance(self.vae, AsymmetricAutoencoderKL):
-            condition = {"image": image.to(latents.device, latents.dtype), "mask": mask.to(latents.device, latents.dtype)}
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, **condition)[0]
+        return decode_latents(self.vae, latents.to(self.vae.dtype), image=image, mask=mask)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -337,10 +337,10 @@ def empty_prompt_embeddings(flux_fill: str | Path, tokens: int = 256, torch_dtyp
     """``(pooled (1, 768), text (1, tokens, 4096))`` for the prompt ``""`` from a FLUX folder's CLIP and T5 encoders (the
     release's ``vec.pt`` / ``txt_256.pt``), returned in float32 on the CPU. The encoders are loaded in ``torch_dtype``
     for this call only (T5-XXL: 9.5 GB in bf16)."""
-    pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, torch_dtype=torch_dtype,
-                                            **load_kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch_dtype: renamed dtype in new diffusers, the name every version takes
         warnings.simplefilter("ignore", FutureWarning)
+        pipe = FluxFillPipeline.from_pretrained(flux_fill, transformer=None, vae=None, torch_dtype=torch_dtype,
+                                                **load_kwargs)
         text, pooled, _ = pipe.encode_prompt("", None, device="cpu", max_sequence_length=tokens)
     return pooled.float(), text.float()
 
@@ -382,21 +382,24 @@ class AsukaFluxRunner(PipelineRunner):
 
     multiple = 16
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator | None = None,
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator=None, progress_bar: bool = True,
                  num_inference_steps: int = 50, guidance_scale: float = 30.0,
-                 condition_weight: float = OFFICIAL_CONDITION_WEIGHT, progress_bar: bool = True) -> torch.Tensor:
+                 condition_weight: float = OFFICIAL_CONDITION_WEIGHT) -> torch.Tensor:
         return self._run(image, progress_bar, image=image, mask_image=mask, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, condition_weight=condition_weight, generator=generator,
                          paste_back=False)
 
 
-@register_method("asuka-flux", default_model=default_tiny_asuka_flux_dir,
-                 description="ASUKA on FLUX.1-Fill (the released weights): MAE prior + CLIP/T5 alignment heads + "
-                             "FLUX.1-Fill + harmonizing decoder (default: a tiny random offline pipeline)")
-def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dtype) -> AsukaFluxRunner:
+def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: Any = None) -> AsukaFluxRunner:
     """Load a saved :class:`AsukaFluxFillPipeline` folder (``save_pretrained``, e.g. written by
     ``asuka.models.convert.convert_asuka_flux_release``) or hub id, every component in ``dtype`` — bfloat16 on CUDA
-    unless another half type is asked for (``test_asuka_flux.py`` runs everything in bf16), float32 on CPU."""
+    unless another half type is asked for (``test_asuka_flux.py`` runs everything in bf16), float32 on CPU.
+    ``vae`` (e.g. a 16-latent-channel ``HarmonizingDecoderKL``) replaces the saved decoder."""
     if device.type == "cuda" and dtype == torch.float32:
         dtype = torch.bfloat16  # the official setting; FLUX.1-Fill in float32 needs 48 GB for the transformer alone
-    return AsukaFluxRunner(load_pipeline(AsukaFluxFillPipeline, model, dtype).to(device))
+    if vae is not None and (vae.config.latent_channels != 16 or vae.config.get("shift_factor") is None):
+        raise InputError(f"FLUX.1-Fill latents need a 16-channel decoder with shift_factor (FLUX AE: 0.1159); got "
+                         f"latent_channels={vae.config.latent_channels}, "
+                         f"shift_factor={vae.config.get('shift_factor')}", field="vae")
+    pipe = load_pipeline(AsukaFluxFillPipeline, model, dtype, **({} if vae is None else {"vae": vae.to(dtype)}))
+    return AsukaFluxRunner(pipe.to(device))
