@@ -194,3 +194,32 @@ def test_truncated_or_crafted_metric_weights_give_one_line(tmp_path):
             LPIPS("alex", path)
         assert info.value.field == "lpips_weights" and "\n" not in str(info.value)
     assert not (tmp_path / "marker").exists()
+
+
+def test_evaluate_leaves_unreadable_items_out_loudly(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    (data / "image").mkdir(parents=True)
+    (data / "mask").mkdir()
+    for key in ("k0", "k1", "k2"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(data / "image" / f"{key}.png")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:40, 16:40] = 255
+        Image.fromarray(mask).save(data / "mask" / f"{key}.png")
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    for key in ("k0", "k1", "k2"):
+        (predictions / f"{key}.png").write_bytes((data / "image" / f"{key}.png").read_bytes())
+    (data / "image" / "k1.png").write_bytes((data / "image" / "k1.png").read_bytes()[:150])  # truncated
+    args = ["evaluate", "--data", str(data), "--predictions", str(predictions), "--metrics", "psnr,ssim"]
+    code = main([*args, "--out", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asuka evaluate")]
+    assert code == 1
+    assert err[0].startswith("asuka evaluate: failed: k1: ") and "truncated" in err[0]
+    assert err[-1].startswith("asuka evaluate: error: 1 item(s) could not be read and are not in the scores")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["overall"]["n"] == 2
+    code = main([*args, "--out", str(tmp_path / "out2"), "--fail-fast"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asuka evaluate")]
+    assert code == 1 and len(err) == 1 and "k1" in err[0] and "truncated" in err[0]
