@@ -35,6 +35,7 @@ class Subcommand:
 SUBCOMMANDS: list[str] = [
     "asuka.cli:INPAINT",
     "asuka.cli_evaluate:EVALUATE",
+    "asuka.cli_serve:SERVE",
 ]
 
 DEMO_SIZE = 256  # the demo photograph is resized to DEMO_SIZE x DEMO_SIZE
@@ -223,6 +224,9 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the model's pixels outside the hole (default: known pixels are pasted back exactly)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--sr", metavar="DIR", help="x4-upscaler folder or hub id (e.g. stabilityai/stable-diffusion-x4-"
+                   "upscaler): HD-Painter's inpainting-specialised super-resolution of the result, long side 2048, "
+                   "after any method")
     p.add_argument("--max-size", type=positive_int, default=DEFAULT_MAX_SIZE,
                    help=f"longest side a method is run at; larger inputs are an error (default: {DEFAULT_MAX_SIZE})")
     p.add_argument("--hd-strategy", choices=HD_STRATEGIES, default=hd.name,
@@ -341,7 +345,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
-    painter = Inpainter(**request, device=args.device)  # options checked here, nothing loaded yet
+    painter = Inpainter(**request, device=args.device, sr=args.sr)  # options checked here, nothing loaded yet
     pairs = _pairs(args)
     out = Path(args.out or ("outputs/demo" if demo else "outputs"))
     single = demo or not Path(args.image).is_dir()

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from asuka.errors import InputError
 from asuka.models.seeding import seeded
@@ -390,3 +390,10 @@ def test_errors(pipe):
                              unet=tiny_unet(in_channels=4), scheduler=pipe.scheduler)
     with pytest.raises(InputError, match="9-channel"):
         run(four, image, mask)
+
+
+def test_rasg_works_under_inference_mode(pipe):
+    image, mask = inputs()
+    expected = run(pipe, image, mask, num_inference_steps=1)
+    with torch.inference_mode():
+        assert torch.equal(run(pipe, image.clone(), mask.clone(), num_inference_steps=1), expected)

@@ -1,9 +1,9 @@
-"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; specs/asuka.md §1.1.4).
+"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; Yikai-Wang/asuka-misato ``asuka-flux/test_asuka_flux.py``).
 
 Order: MAE prior at 256² (``MAEPrior.prior``) -> ``PriorAligner`` -> condition (B, 256, 768) used as the SD-inpaint
-UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper; spec §5.2) -> decode, where an
+UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper §3.2) -> decode, where an
 ``AsymmetricAutoencoderKL`` (e.g. ASUKA's ``HarmonizingDecoderKL``) receives the full input image and the binary mask
--> paste-back of the known pixels (on by default: the paper's evaluation composites, spec §5.12; the official inference
+-> paste-back of the known pixels (on by default: the paper's evaluation composites, ``asuka-flux/eval/*.py``; the official inference
 scripts do not).
 
 The latent mechanics (initial noise, mask and masked-image latents, scheduler steps, decoding) are diffusers'
@@ -38,6 +38,7 @@ from asuka.models import decoder as _decoder
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
+from asuka.models.tiny import expand_tiny
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
@@ -84,13 +85,15 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
     @classmethod
     def from_parts(cls, sd_inpaint: str | Path, mae: str | Path, aligner: str | Path, vae: str | Path | None = None,
                    scheduler: Any = None, torch_dtype: torch.dtype | None = None, **load_kwargs) -> "AsukaInpaintPipeline":
-        """Assemble from an SD-inpainting folder or hub id plus separate ``MAEPrior`` / ``PriorAligner`` exports.
+        """Assemble from an SD-inpainting folder or hub id (``"tiny"``: the tiny offline demo folder) plus separate
+        ``MAEPrior`` / ``PriorAligner`` exports.
 
         ``vae``: an optional decoder export (a ``HarmonizingDecoderKL`` / ``AsymmetricAutoencoderKL`` / ``AutoencoderKL``
         folder; its config's ``_class_name`` picks the class); default: the SD folder's ``vae``. ``scheduler``: a
         scheduler instance; default: the class and config stored in the SD folder. ``torch_dtype`` applies to the UNet
         and the VAE (e.g. ``torch.bfloat16`` on GPU); the MAE and the aligner are loaded in float32.
         """
+        sd_inpaint = expand_tiny(sd_inpaint)
         for name, value, marker in (("sd_inpaint", sd_inpaint, "unet/config.json"), ("mae", mae, "config.json"),
                                     ("aligner", aligner, "config.json"), ("vae", vae, "config.json")):
             if value is not None:

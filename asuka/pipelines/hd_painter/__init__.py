@@ -79,7 +79,8 @@ def _default_model():
 
 register_method("hd-painter", build="asuka.pipelines.hd_painter.runner:build_hd_painter", default_model=_default_model,
                 description="HD-Painter: PAIntA + RASG on any SD inpainting model (default: the tiny offline "
-                            "pipeline)", options=OPTIONS, inputs=INPUTS, presets=PRESETS)
+                            "pipeline)", options=OPTIONS, inputs=INPUTS, presets=PRESETS,
+                quick={"num_inference_steps": 2, "working_long_side": 128})
 
 __all__ = ["NEGATIVE_PROMPT", "OPTIONS", "POSITIVE_PROMPT", "PRESETS", "INPUTS", "HDPainterPipeline",
            "InpaintSRPipeline"]

@@ -15,6 +15,7 @@ configuration, bit for bit, given the same conditioning tensors and initial late
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -29,9 +30,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from asuka.errors import InputError
 from asuka.models import decoder as _decoder  # noqa: F401  (from_pretrained resolves a saved HarmonizingDecoderKL)
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, guide, latent_gradient,
+from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, guide, latent_gradient,
                                        previous_timestep, unet_input)
-from asuka.pipelines._sampling import denoise
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
 from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT
@@ -42,6 +42,17 @@ from asuka.tensors import resize_image
 
 WORKING_LONG_SIDE = 512
 PAD_MULTIPLE = 64
+
+
+def _outside_inference_mode(fn: Callable) -> Callable:
+    """Run ``fn`` with inference mode off: RASG differentiates through the UNet, which tensors made in inference mode
+    cannot join, so a call under ``torch.inference_mode()`` still works (gradients stay off through ``no_grad``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class SmallMaskWarning(UserWarning):
@@ -98,6 +109,7 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         return image, mask, size
 
     # ------------------------------------------------------------------ call
+    @_outside_inference_mode
     @torch.no_grad()
     def __call__(
         self,
@@ -345,4 +357,4 @@ def _warn_small_mask(controls: HDPainterControls, latent_size: tuple[int, int]) 
         warnings.warn(f"the mask of sample(s) {empty.nonzero().flatten().tolist()} vanishes at the latent/4 grid "
                       f"{grid[0]}x{grid[1]} (holes thinner than ~32 px at the working size): PAIntA does nothing and "
                       "RASG pushes towards an empty mask there; enlarge the mask or raise working_long_side",
-                      SmallMaskWarning, stacklevel=3)
+                      SmallMaskWarning, stacklevel=5)   # the caller of HDPainterPipeline.__call__ (2 decorators)
