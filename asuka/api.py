@@ -294,8 +294,11 @@ class Inpainter:
         from asuka.pipelines._common import prepare_inputs, run_inpainting
 
         check_seed(seed)
-        compact = compact and self.sr is None  # super-resolution works on the float image
         image, mask = prepare_inputs(image, mask, compact=compact)
+        if compact and self.sr is not None:  # super-resolution works on the float image
+            from asuka.pipelines._common import float_image
+
+            image, mask, compact = float_image(image), mask.float(), False
         count = image.shape[0]
         per_item = [dict(inputs or {})] * count if inputs is None or isinstance(inputs, Mapping) else list(inputs)
         if len(per_item) != count:
