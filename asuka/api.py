@@ -185,6 +185,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def quiet_loading() -> None:
+    """No weight-loading progress bars from diffusers/transformers (step bars stay)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 # ------------------------------------------------------------------------------------------------ running
 @dataclass
 class Inpainter:

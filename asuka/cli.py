@@ -292,15 +292,6 @@ def _out_path(out: Path, stem: str, single: bool) -> Path:
     return out / f"{stem}.png"
 
 
-def _quiet_loading() -> None:
-    """No weight-loading progress bars from diffusers/transformers (the step bar stays)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def list_methods() -> str:
     """``--list-methods``: every method with its description; a method whose module fails to import is listed as
     unavailable with the reason. Torch-free."""
@@ -334,7 +325,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from asuka.api import Inpainter, image_size, per_stem_inputs
+    from asuka.api import Inpainter, image_size, per_stem_inputs, quiet_loading
     from asuka.errors import InputError
     from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, to_pil
 
@@ -370,7 +361,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
             failures.append(f"{stem}: {' '.join(str(err).split())}")
             continue
         if bool(mask.any()) and "runner" not in painter.__dict__:
-            _quiet_loading()  # loaded at the first image with a hole: no hole needs no model
+            quiet_loading()  # loaded at the first image with a hole: no hole needs no model
         result = painter(image, mask, inputs=inputs[stem], seed=args.seed, paste_back=args.paste_back,
                          hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1, compact=True)
         try:
