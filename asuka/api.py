@@ -185,6 +185,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def quiet_loading() -> None:
+    """No weight-loading progress bars from diffusers/transformers (step bars stay)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 # ------------------------------------------------------------------------------------------------ running
 @dataclass
 class Inpainter:
@@ -192,7 +201,10 @@ class Inpainter:
 
     ``options`` (Python values) and ``option_strings`` (command-line text) override the ``preset``, which overrides
     the declared defaults; all are checked here, before any model loads. ``decoder``: an autoencoder export folder
-    or hub id (or a loaded module) replacing the method's VAE.
+    or hub id (or a loaded module) replacing the method's VAE. ``weights``: the method's declared extra weights
+    (``{name: folder, file or hub id}``). ``sr``: an x4-upscaler folder or hub id; when set, every result goes
+    through HD-Painter's inpainting-specialised super-resolution (long side 2048; ``sr_options`` are passed to
+    :class:`asuka.pipelines.hd_painter.sr.InpaintSRPipeline`).
     """
 
     method: str
@@ -203,11 +215,19 @@ class Inpainter:
     preset: str | None = None
     options: Mapping[str, Any] | None = None
     option_strings: Mapping[str, str] | None = None
+    weights: Mapping[str, Any] | None = None
+    sr: str | Path | None = None
+    sr_options: Mapping[str, Any] | None = None
     resolved: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.registered: InpaintMethod = get_method(self.method)
         self.resolved = self.spec.resolve(self.preset, self.options, self.option_strings)
+        self.spec.resolve_weights(self.weights)
+        if self.sr is not None:  # checked before any model runs
+            from asuka.weights import resolve_pretrained
+
+            resolve_pretrained(self.sr, field="sr", marker="model_index.json", what="x4-upscaler pipeline")
 
     @property
     def spec(self) -> MethodSpec:
@@ -222,11 +242,20 @@ class Inpainter:
     @cached_property
     def runner(self):
         """The loaded method (built at first access)."""
-        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder)
+        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
+                                    weights=self.weights)
+
+    @cached_property
+    def sr_pipeline(self):
+        """The loaded super-resolution stage (built at first access)."""
+        from asuka.pipelines.hd_painter.sr import load_sr
+
+        return load_sr(self.sr, device=self.torch_device, dtype=self.dtype or _float32())
 
     def release(self) -> None:
-        """Drop the loaded model (loaded again at the next call that needs it)."""
+        """Drop the loaded models (loaded again at the next call that needs them)."""
         self.__dict__.pop("runner", None)
+        self.__dict__.pop("sr_pipeline", None)
 
     def settings(self) -> dict[str, Any]:
         """How results are made (recorded by evaluation): method, weights, decoder, preset, every option, seed rule."""
@@ -234,7 +263,9 @@ class Inpainter:
                 "decoder": None if self.decoder is None or not isinstance(self.decoder, (str, Path))
                 else str(self.decoder), "preset": self.preset,
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.resolved.items()},
-                "seed_rule": SEED_RULE}
+                "weights": {k: None if v is None else str(v)
+                            for k, v in self.spec.resolve_weights(self.weights).items()},
+                "sr": None if self.sr is None else str(self.sr), "seed_rule": SEED_RULE}
 
     def item_inputs(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Per-item inputs of a batch -> what the runner takes: text roles a list of strings (``None`` when no item
@@ -279,7 +310,7 @@ class Inpainter:
                 self.spec.input(role)
         extras = self.item_inputs(per_item)
         if not bool((mask >= 0.5).any()):
-            return image.clone()  # nothing to fill: the model is not even loaded
+            return self._upscale(image.clone(), image, mask, per_item, seed, progress_bar)  # nothing loaded
         runner, device = self.runner, self.torch_device
 
         def model(x, m, **given):
@@ -288,8 +319,25 @@ class Inpainter:
             return runner(x.to(device), m.to(device), generator=generators, progress_bar=progress_bar,
                           **self.resolved, **given)
 
-        return run_inpainting(model, image, mask, paste_back=paste_back, multiple=runner.multiple,
-                              hd_strategy=hd_strategy, max_size=max_size, per_item=extras)
+        result = run_inpainting(model, image, mask, paste_back=paste_back, multiple=runner.multiple,
+                                hd_strategy=hd_strategy, max_size=max_size, per_item=extras)
+        return self._upscale(result, image, mask, per_item, seed, progress_bar)
+
+    def _upscale(self, result, image, mask, per_item, seed: int, progress_bar: bool) -> "torch.Tensor":
+        """With ``sr`` set: HD-Painter's x4 inpainting-specialised super-resolution of ``result`` into ``image``."""
+        if self.sr is None:
+            return result
+        from asuka.pipelines.hd_painter.sr import super_resolve
+
+        prompts = [str(item.get("prompt") or "") for item in per_item]
+        return super_resolve(lambda: self.sr_pipeline, result, image, mask, prompts, seed=seed,
+                             progress_bar=progress_bar, **dict(self.sr_options or {}))
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 def _to(value: Any, device) -> Any:

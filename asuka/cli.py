@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from asuka.options import STANDARD_ROLES
+from asuka.options import STANDARD_ROLES, STANDARD_WEIGHTS
 from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HD_STRATEGIES, HDStrategy
 
 
@@ -35,6 +35,7 @@ class Subcommand:
 SUBCOMMANDS: list[str] = [
     "asuka.cli:INPAINT",
     "asuka.cli_evaluate:EVALUATE",
+    "asuka.cli_serve:SERVE",
 ]
 
 DEMO_SIZE = 256  # the demo photograph is resized to DEMO_SIZE x DEMO_SIZE
@@ -71,18 +72,26 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a method option (repeatable; typed and range-checked; lists as a,b,c; none for unset)")
     g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
     g.add_argument("--guidance-scale", type=float, help="shortcut for --set guidance_scale=X")
+    g.add_argument("--baseline", help="shortcut for --set baseline=NAME (methods built on a choice of baseline)")
     g.add_argument("--seed", type=int, default=DEMO_SEED,
                    help="random seed: every image gets its own generator seeded with it (default: 0)")
     g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
     for role in STANDARD_ROLE_FLAGS:
         what = ("text for all images, or a .json/.txt file of per-stem texts" if STANDARD_ROLES[role] == "text"
                 else "image file for all images, or a folder matched by file stem")
-        g.add_argument(f"--{role.replace('_', '-')}", dest=f"input_{role}", help=f"{role.replace('_', ' ')}: {what}")
+        g.add_argument(f"--{role.replace('_', '-')}", dest=f"input_{role}", help=f"{role.replace('_', ' ')}: {what}",
+                       metavar="TEXT" if STANDARD_ROLES[role] == "text" else "PATH")
     g.add_argument("--input", dest="inputs", action="append", default=[], metavar="ROLE=VALUE",
                    help="any other input a method declares, given as the flags above")
+    g = p.add_argument_group("extra weights (for methods that declare them)")
+    for name in STANDARD_WEIGHTS:
+        g.add_argument(f"--{name.replace('_', '-')}", dest=f"weights_{name}", metavar="PATH",
+                       help=f"{name.replace('_', '-')} weights: a folder, file or hub id")
+    g.add_argument("--weights", dest="weights", action="append", default=[], metavar="NAME=PATH",
+                   help="any other weights a method declares")
 
 
-STANDARD_ROLE_FLAGS = ("prompt", "negative_prompt", "reference", "control", "ip_adapter_image")
+STANDARD_ROLE_FLAGS = tuple(STANDARD_ROLES)
 
 
 def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
@@ -121,6 +130,12 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
     models, decoders = _per_method(args.model, methods, "--model"), _per_method(args.decoder, methods, "--decoder")
     presets = _per_method(args.preset, methods, "--preset")
     entries = _key_values(args.set_options, "--set")
+    weights = {name: getattr(args, f"weights_{name}") for name in STANDARD_WEIGHTS
+               if getattr(args, f"weights_{name}") is not None}
+    weights.update(_key_values(args.weights, "--weights"))
+    unused = set(weights) - {w.name for m in methods for w in get_method(m).spec.weights}
+    if unused and len(methods) > 1:
+        raise InputError(f"no listed method loads {sorted(unused)[0]!r} weights", f"weights.{sorted(unused)[0]}")
     requests = []
     for method in methods:
         spec = get_method(method).spec
@@ -133,7 +148,8 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             else:
                 strings[key] = value
         for flag, key, value in (("--steps", "num_inference_steps", args.steps),
-                                 ("--guidance-scale", "guidance_scale", args.guidance_scale)):
+                                 ("--guidance-scale", "guidance_scale", args.guidance_scale),
+                                 ("--baseline", "baseline", args.baseline)):
             if value is not None:
                 if key not in spec.by_name:
                     raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")
@@ -142,10 +158,13 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
         preset_values = spec.preset(presets[method]).values if presets[method] else {}
         if demo and "num_inference_steps" in spec.by_name and "num_inference_steps" not in {**strings, **preset_values}:
             values["num_inference_steps"] = DEMO_STEPS
+        declared = {w.name for w in spec.weights}
         request = dict(method=method, model=models[method], decoder=decoders[method], preset=presets[method],
-                       options=values, option_strings=strings)
+                       options=values, option_strings=strings,
+                       weights={k: v for k, v in weights.items() if len(methods) == 1 or k in declared})
         try:
             spec.resolve(request["preset"], values, strings)
+            spec.resolve_weights(request["weights"])
         except InputError as err:
             if len(methods) == 1:
                 raise
@@ -179,6 +198,9 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the model's pixels outside the hole (default: known pixels are pasted back exactly)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--sr", metavar="DIR", help="x4-upscaler folder or hub id (e.g. stabilityai/stable-diffusion-x4-"
+                   "upscaler): HD-Painter's inpainting-specialised super-resolution of the result, long side 2048, "
+                   "after any method")
     p.add_argument("--max-size", type=positive_int, default=DEFAULT_MAX_SIZE,
                    help=f"longest side a method is run at; larger inputs are an error (default: {DEFAULT_MAX_SIZE})")
     p.add_argument("--hd-strategy", choices=HD_STRATEGIES, default=hd.name,
@@ -231,15 +253,6 @@ def _out_path(out: Path, stem: str, single: bool) -> Path:
     return out / f"{stem}.png"
 
 
-def _quiet_loading() -> None:
-    """No weight-loading progress bars from diffusers/transformers (the step bar stays)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def list_methods() -> str:
     """``--list-methods``: every method with its description; a method whose module fails to import is listed as
     unavailable with the reason. Torch-free."""
@@ -273,7 +286,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
         return 0
     from tqdm.auto import tqdm
 
-    from asuka.api import Inpainter, image_size, per_stem_inputs
+    from asuka.api import Inpainter, image_size, per_stem_inputs, quiet_loading
     from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, to_pil
 
     demo = args.image is None
@@ -283,7 +296,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
-    painter = Inpainter(**request, device=args.device)  # options checked here, nothing loaded yet
+    painter = Inpainter(**request, device=args.device, sr=args.sr)  # options checked here, nothing loaded yet
     pairs = _pairs(args)
     out = Path(args.out or ("outputs/demo" if demo else "outputs"))
     single = demo or not Path(args.image).is_dir()
@@ -302,7 +315,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
         image, mask = prepare_inputs(load_image(image_in, name=f"--image {stem}"),
                                      load_mask(mask_in, name=f"--mask {stem}"))
         if bool(mask.any()) and "runner" not in painter.__dict__:
-            _quiet_loading()  # loaded at the first image with a hole: no hole needs no model
+            quiet_loading()  # loaded at the first image with a hole: no hole needs no model
         result = painter(image, mask, inputs=inputs[stem], seed=args.seed, paste_back=args.paste_back,
                          hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +361,8 @@ def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
         return f"--set {key}"
     if head == "inputs" and key:
         return flags.get(f"input_{key}", f"--input {key}")
+    if head == "weights" and key:
+        return flags.get(f"weights_{key}", f"--weights {key}")
     return flags.get(field, field)
 
 

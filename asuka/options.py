@@ -8,9 +8,11 @@ API (:mod:`asuka.api`), the web UI (the JSON schema of :meth:`MethodSpec.schema`
 - :class:`Option`: a scalar or list knob with a type, a default (the paper's), an allowed range or choices, a
   one-line help and its source (paper section or official file).
 - :class:`Preset`: named option values (e.g. a paper's per-experiment settings).
-- :class:`Input`: an extra input by *role* (``prompt``, ``negative_prompt``, ``reference``, ``control``,
+- :class:`Input`: an extra input by *role* (``prompt``, ``negative_prompt``, ``reference``, ``control_image``,
   ``ip_adapter_image``...), ``text`` or ``image``, required or not. Image inputs marked ``aligned`` have the input
   image's size and are cropped/resized/padded with it.
+- :class:`Weights`: an extra load-time weight reference (a ControlNet, an IP-Adapter, a LoRA...): a folder, file or
+  hub id passed to the method's builder as a keyword argument.
 
 Values resolve as: declared defaults < preset < explicit values; every value is type- and range-checked, and a
 bad one is an :class:`~asuka.errors.InputError` whose ``field`` is ``options.<name>`` (``inputs.<role>`` for inputs).
@@ -28,7 +30,7 @@ from asuka.errors import InputError
 OPTION_TYPES = ("int", "float", "bool", "str", "int_list", "float_list", "str_list")
 INPUT_KINDS = ("text", "image")
 STANDARD_ROLES: dict[str, str] = {
-    "prompt": "text", "negative_prompt": "text", "reference": "image", "control": "image",
+    "prompt": "text", "negative_prompt": "text", "reference": "image", "control_image": "image",
     "ip_adapter_image": "image",
 }
 """Roles front ends know by name (CLI flag ``--<role with dashes>``) and the kind each has; other roles are allowed
@@ -68,7 +70,10 @@ class Option:
             object.__setattr__(self, "choices", tuple(self.choices))
         if not self.help:
             raise ValueError(f"option {self.name!r}: a one-line help is required")
-        object.__setattr__(self, "default", self.check(self.default))  # the default must satisfy its own rules
+        try:  # the default must satisfy its own rules
+            object.__setattr__(self, "default", self.check(self.default))
+        except InputError as err:
+            raise ValueError(f"option {self.name!r}: bad default: {err.message}") from None
 
     @property
     def is_list(self) -> bool:
@@ -155,7 +160,7 @@ class Option:
     def allowed(self) -> str:
         """The allowed values in words, for tables."""
         if self.choices is not None:
-            text = " | ".join(map(str, self.choices))
+            text = " / ".join(map(str, self.choices))
         elif self.min is not None or self.max is not None:
             lo = "" if self.min is None else ("(" if self.min_exclusive else "[") + f"{self.min:g}"
             hi = "" if self.max is None else f"{self.max:g}]"
@@ -221,6 +226,27 @@ class Input:
         return schema
 
 
+STANDARD_WEIGHTS = ("controlnet", "t2i_adapter", "ip_adapter", "lora")
+"""Load-time weights front ends know by name (CLI flag ``--<name with dashes>``); others via ``--weights NAME=PATH``."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Extra weights a method's builder loads besides ``model``: passed as ``build(..., <name>=path or None)``."""
+
+    name: str
+    help: str
+    required: bool = False
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"weights name {self.name!r} must be a Python identifier")
+
+    def json_schema(self) -> dict:
+        return {"type": "string", "description": self.help, "x-source": self.source}
+
+
 @dataclass(frozen=True)
 class Preset:
     """Named option values (checked against the options when the method registers)."""
@@ -238,13 +264,16 @@ class MethodSpec:
     options: tuple[Option, ...] = ()
     inputs: tuple[Input, ...] = ()
     presets: tuple[Preset, ...] = ()
+    weights: tuple[Weights, ...] = ()
     by_name: dict[str, Option] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "options", tuple(self.options))
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "presets", tuple(self.presets))
+        for name in ("options", "inputs", "presets", "weights"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "by_name", {o.name: o for o in self.options})
+        weights = [w.name for w in self.weights]
+        if len(set(weights)) != len(weights) or {"model", "device", "dtype", "vae"} & set(weights):
+            raise ValueError(f"weights names must be unique and not model/device/dtype/vae: {weights}")
         names = [o.name for o in self.options] + [i.role for i in self.inputs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -299,6 +328,20 @@ class MethodSpec:
         raise InputError(f"this method takes no {role!r} input; it takes: "
                          f"{', '.join(i.role for i in self.inputs) or 'none'}", f"inputs.{role}")
 
+    def resolve_weights(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every declared weight reference (``None`` when not given); unknown names and missing required ones are
+        :class:`InputError`\\ s (field ``weights.<name>``)."""
+        declared = {w.name: w for w in self.weights}
+        for name in given or {}:
+            if name not in declared:
+                raise InputError(f"this method loads no {name!r} weights; it takes: {', '.join(declared) or 'none'}",
+                                 f"weights.{name}")
+        result = {name: (given or {}).get(name) for name in declared}
+        for name, value in result.items():
+            if value is None and declared[name].required:
+                raise InputError(f"this method needs {name} weights ({declared[name].help})", f"weights.{name}")
+        return result
+
     # ------------------------------------------------------------------------------------ description
     def schema(self, name: str, description: str = "") -> dict:
         """A JSON Schema (draft 2020-12) of one request for this method: ``{"options": {...}, "inputs": {...},
@@ -307,12 +350,15 @@ class MethodSpec:
                    "additionalProperties": False}
         inputs = {"type": "object", "properties": {i.role: i.json_schema() for i in self.inputs},
                   "required": [i.role for i in self.inputs if i.required], "additionalProperties": False}
-        properties: dict[str, Any] = {"options": options, "inputs": inputs}
+        weights = {"type": "object", "properties": {w.name: w.json_schema() for w in self.weights},
+                   "required": [w.name for w in self.weights if w.required], "additionalProperties": False}
+        properties: dict[str, Any] = {"options": options, "inputs": inputs, "weights": weights}
         properties["preset"] = {"enum": [p.name for p in self.presets]} if self.presets else {"not": {}}
         return {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": name, "description": description, "type": "object", "properties": properties,
-            "required": ["inputs"] if inputs["required"] else [], "additionalProperties": False,
+            "required": [k for k, v in (("inputs", inputs), ("weights", weights)) if v["required"]],
+            "additionalProperties": False,
             "x-presets": {p.name: {"values": {k: list(v) if isinstance(v, tuple) else v for k, v in p.values.items()},
                                    "help": p.help, "source": p.source} for p in self.presets},
         }
@@ -321,12 +367,17 @@ class MethodSpec:
         """Markdown tables of the options, presets and inputs (the README's method tables are these)."""
         rows = ["| option | type | default | allowed | help | source |", "|---|---|---|---|---|---|"]
         for o in self.options:
-            rows.append(f"| `{o.name}` | {o.type} | `{_show(o.default)}` | {o.allowed()} | {o.help} | {o.source} |")
+            rows.append(f"| `{o.name}` | {o.type} | `{_cell(_show(o.default))}` | {_cell(o.allowed())} | "
+                        f"{_cell(o.help)} | {_cell(o.source)} |")
         if self.presets:
             rows += ["", "| preset | values | help | source |", "|---|---|---|---|"]
             for p in self.presets:
                 values = ", ".join(f"`{k}={_show(v)}`" for k, v in p.values.items())
                 rows.append(f"| `{p.name}` | {values} | {p.help} | {p.source} |")
+        if self.weights:
+            rows += ["", "| weights | required | help | source |", "|---|---|---|---|"]
+            for w in self.weights:
+                rows.append(f"| `{w.name}` | {'yes' if w.required else 'no'} | {w.help} | {w.source} |")
         if self.inputs:
             rows += ["", "| input | kind | required | help |", "|---|---|---|---|"]
             for i in self.inputs:
@@ -350,7 +401,15 @@ class MethodSpec:
         lines.append(_columns(["input", "kind", "required", "help"], [
             [i.role, i.kind + (" (aligned)" if i.aligned else ""), "yes" if i.required else "no", i.help]
             for i in self.inputs]) if self.inputs else "inputs: image and mask only")
+        if self.weights:
+            lines.append(_columns(["weights", "required", "help"],
+                                  [[w.name, "yes" if w.required else "no", w.help] for w in self.weights]))
         return "\n\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Markdown table cell text (pipes escaped)."""
+    return text.replace("|", "\\|")
 
 
 def _show(value: Any) -> str:
@@ -371,4 +430,5 @@ def _columns(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(fmt.format(*r).rstrip() for r in [header, ["-" * w for w in widths], *rows])
 
 
-__all__ = ["OPTION_TYPES", "INPUT_KINDS", "STANDARD_ROLES", "Option", "Input", "Preset", "MethodSpec"]
+__all__ = ["OPTION_TYPES", "INPUT_KINDS", "STANDARD_ROLES", "STANDARD_WEIGHTS", "Option", "Input", "Weights", "Preset",
+           "MethodSpec"]

@@ -83,5 +83,5 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-__all__ = ["MASK_THRESHOLD", "DEFAULT_MULTIPLE", "Pad", "pad_to_multiple", "crop_padding", "resize_image", "resize_mask",
-           "paste_back", "to_uint8", "to_numpy_uint8"]
+__all__ = ["MASK_THRESHOLD", "DEFAULT_MULTIPLE", "Pad", "pad_to_multiple", "crop_padding", "resize_image",
+           "resize_mask", "paste_back", "to_uint8", "to_numpy_uint8"]

@@ -4,8 +4,9 @@
   that looks local (exists, is absolute, starts with ``.`` or ``~``) must be a folder holding ``marker``
   (``model_index.json`` for pipelines, ``config.json`` for models); anything else must be a hub id ``org/name``
   (downloaded only because the user named it). Every failure is an :class:`~asuka.errors.InputError` naming
-  ``field``.
-- :func:`class_from_config` reads a model folder's ``config.json`` ``_class_name`` and returns the class: asuka's own
+  ``field`` (an :class:`~asuka.errors.InputFileNotFoundError`, also a ``FileNotFoundError``).
+- :func:`config_class_name` reads the ``_class_name`` a folder or hub id records (``config.json`` /
+  ``model_index.json``); :func:`class_from_config` returns the class it names: asuka's own
   (``HarmonizingDecoderKL``, ``MAEPrior``, ``PriorAligner``) or diffusers'.
 - :func:`load_autoencoder` loads a VAE export (``AutoencoderKL``, ``AsymmetricAutoencoderKL``, asuka's
   ``HarmonizingDecoderKL``) through both: what ``decoder=`` / ``--decoder`` use.
@@ -19,7 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asuka.errors import InputError
+from asuka.errors import InputError, InputFileNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -35,18 +36,39 @@ def _looks_local(ref: str | Path) -> bool:
 
 
 def resolve_pretrained(ref: str | Path, *, field: str, marker: str = "config.json", what: str = "model") -> str:
-    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for ``from_pretrained``."""
+    """A checked local ``save_pretrained`` folder (holding ``marker``) or hub id, as a string for
+    ``from_pretrained``."""
     path = Path(ref).expanduser()
     if _looks_local(ref):
         if not path.exists():
-            raise InputError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)", field)
+            raise InputFileNotFoundError(f"folder not found: {ref} (pass an existing {what} folder or a hub id "
+                                         "org/name)", field)
         if not (path / marker).is_file():
-            raise InputError(f"{path} is not a {what} folder (no {marker}); pass the folder written by "
+            raise InputFileNotFoundError(f"{path} is not a {what} folder (no {marker}); pass the folder written by "
                              "save_pretrained or a hub id such as org/name", field)
         return str(path)
     if HUB_ID.match(str(ref)):
         return str(ref)
-    raise InputError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)", field)
+    raise InputFileNotFoundError(f"folder not found: {ref} (pass an existing {what} folder or a hub id org/name)",
+                                 field)
+
+
+def config_class_name(ref: str | Path, *, field: str, config: str = "config.json") -> str | None:
+    """The ``_class_name`` a ``save_pretrained`` folder (or hub id) records in ``config`` (``config.json`` for models,
+    ``model_index.json`` for pipelines); ``None`` when a local folder has no such file."""
+    import json
+
+    path = Path(ref).expanduser()
+    if _looks_local(ref):
+        file = path / config
+        return json.loads(file.read_text()).get("_class_name") if file.is_file() else None
+    import diffusers
+
+    loader = diffusers.DiffusionPipeline if config == "model_index.json" else diffusers.AutoencoderKL
+    try:
+        return loader.load_config(resolve_pretrained(ref, field=field, marker=config)).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the {config} of {ref}: {' '.join(str(err).split())}", field) from err
 
 
 def class_from_config(ref: str | Path, *, field: str, allowed: tuple[type, ...] = ()) -> type:
@@ -56,12 +78,8 @@ def class_from_config(ref: str | Path, *, field: str, allowed: tuple[type, ...] 
 
     import diffusers
 
-    resolved = resolve_pretrained(ref, field=field)
-    try:
-        config = diffusers.AutoencoderKL.load_config(resolved)  # any model's config.json, whatever its class
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read the config of {ref}: {' '.join(str(err).split())}", field) from err
-    name = config.get("_class_name")
+    resolve_pretrained(ref, field=field)
+    name = config_class_name(ref, field=field)
     cls = None
     for module in ASUKA_MODEL_MODULES:
         cls = cls or getattr(importlib.import_module(module), str(name), None)
@@ -87,4 +105,4 @@ def load_autoencoder(ref: str | Path, *, dtype: "torch.dtype | None" = None, fie
         return cls.from_pretrained(resolve_pretrained(ref, field=field), torch_dtype=dtype)
 
 
-__all__ = ["HUB_ID", "resolve_pretrained", "class_from_config", "load_autoencoder"]
+__all__ = ["HUB_ID", "resolve_pretrained", "config_class_name", "class_from_config", "load_autoencoder"]

@@ -225,9 +225,9 @@ def test_from_parts_assembles_separate_exports_with_the_harmonizing_decoder(tmp_
 
 def test_from_parts_missing_folder_is_clear(tmp_path, parts, tiny_inpaint_dir_768):
     parts[0].save_pretrained(tmp_path / "mae")
-    with pytest.raises(FileNotFoundError, match="aligner="):
+    with pytest.raises(FileNotFoundError, match="aligner: "):
         AsukaInpaintPipeline.from_parts(tiny_inpaint_dir_768, mae=tmp_path / "mae", aligner=tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="sd_inpaint="):
+    with pytest.raises(FileNotFoundError, match="sd_inpaint: "):
         AsukaInpaintPipeline.from_parts(tmp_path, mae=tmp_path / "mae", aligner=tmp_path / "mae")
 
 

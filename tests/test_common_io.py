@@ -446,7 +446,7 @@ def test_hd_original_and_resize():
 
 def test_max_size_limit_names_the_options():
     image, mask = _large(700, 1400)
-    with pytest.raises(InputError, match=r"1400x700 exceeds max_size=1024.*--max-size.*--hd-strategy crop"):
+    with pytest.raises(InputError, match=r"max_size: the image's 1400x700 exceeds max_size=1024.*raise max_size, or set hd_strategy to crop"):
         run_inpainting(_must_not_run, image, mask, hd_strategy="original", max_size=1024)
     with pytest.raises(InputError, match="max_size=1024"):
         prepare_inputs(image, mask, max_size=1024)

@@ -78,8 +78,8 @@ def test_cli_with_a_reference_file_and_with_folders_matched_by_stem(tiny_inpaint
     from asuka.cli import main
 
     out = tmp_path / "one.png"
-    assert main(["inpaint", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--set",
-                 "baseline=side-by-side", "--reference", str(files / "reference" / "a.png"), "--image",
+    assert main(["inpaint", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--baseline",
+                 "side-by-side", "--reference", str(files / "reference" / "a.png"), "--image",
                  str(files / "image" / "a.png"), "--mask", str(files / "mask" / "a.png"), "--steps", "2",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (SIZE, SIZE)
@@ -88,6 +88,23 @@ def test_cli_with_a_reference_file_and_with_folders_matched_by_stem(tiny_inpaint
                  str(files / "reference"), "--image", str(files / "image"), "--mask", str(files / "mask"),
                  "--steps", "1", "--set", "enable_latent_opt=false", "--out", str(folder)]) == 0
     assert sorted(p.stem for p in folder.iterdir()) == ["a", "b"]
+
+
+def test_evaluate_takes_the_reference_folder_beside_image_and_mask(tiny_inpaint_dir, files, tmp_path):
+    """``DATA/{image,mask,reference}``: the composited targets are scored with PSNR and grayscale SSIM (paper §5.2;
+    LPIPS-alex with --lpips-weights)."""
+    import json
+
+    from asuka.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--baseline", "side-by-side",
+                 "--data", str(files), "--out", str(out), "--steps", "1", "--set", "enable_latent_opt=false",
+                 "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 2
+    assert {"psnr", "ssim"} <= set(metrics["overall"])
+    assert "reference" in json.dumps(metrics["settings"])
 
 
 def test_missing_or_mis_sized_reference_is_a_clear_error(tiny_inpaint_dir, files, capsys):
@@ -133,6 +150,36 @@ def test_leftrefill_reads_learned_embeddings_from_pt_and_safetensors(tiny_inpain
         Inpainter("corrfill", model=tiny_inpaint_dir, options={**FAST, "baseline": "leftrefill"})(
             image, mask, inputs={"reference": reference})
     assert err.value.field == "options.prompt_embeds"
+
+
+def test_ip_adapter_plus_through_diffusers_load_ip_adapter(tiny_inpaint_dir, tensors, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from asuka.models.tiny_ip_adapter import save_tiny_ip_adapter
+    from asuka.pipelines.corrfill.runner import build
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_inpaint_dir, subfolder="unet")
+    folder = save_tiny_ip_adapter(tmp_path / "ipa", unet)
+    runner = build(tiny_inpaint_dir, device=torch.device("cpu"), dtype=torch.float32)
+    image, mask, reference = tensors
+    defaults = {**get_method("corrfill").spec.defaults(), **FAST}
+    images, masks = torch.cat([image, image.flip(-1)]), torch.cat([mask, mask])
+    references = torch.cat([reference, reference.flip(-1)])
+
+    def run(**kw):
+        return runner(images, masks, generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+                      progress_bar=False, reference=references, **{**defaults, "baseline": "ip-adapter-plus",
+                                                                   "ip_adapter": str(folder), **kw})
+
+    out = run()
+    assert runner.pipe.image_encoder is not None and torch.isfinite(out).all()
+    assert not torch.allclose(out, run(ip_adapter_scale=0.0))
+    side = runner(images, masks, generator=[torch.Generator().manual_seed(0) for _ in range(2)], progress_bar=False,
+                  reference=references, **{**defaults, "baseline": "side-by-side"})  # adapter unloaded again
+    assert getattr(runner.pipe.unet, "encoder_hid_proj", None) is None and torch.isfinite(side).all()
+    with pytest.raises(InputError) as err:
+        run(ip_adapter=None)
+    assert err.value.field == "options.ip_adapter"
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_discover_misato_layouts_and_folder_pairs(misato, tmp_path):
     (tmp_path / "set" / "masks" / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match="no mask"):
         discover(tmp_path / "set")
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(FileNotFoundError, match="data: "):
         discover(tmp_path / "nowhere")
 
 
@@ -82,7 +82,7 @@ def test_shards_partition_and_hole_bins():
     parts = [Shard(i, 3).take(items) for i in range(3)]
     assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7, 10]
     assert parse_shard("2/4") == Shard(2, 4)
-    with pytest.raises(ValueError, match="--shard"):
+    with pytest.raises(ValueError, match="shard: "):
         parse_shard("4/4")
     assert [hole_bin(r) for r in (0.0, 0.0999, 0.1, 0.55, 0.9, 1.0)] == [
         "0-10%", "0-10%", "10-20%", "50-60%", "90-100%", "90-100%"]
@@ -238,7 +238,7 @@ def test_cli_errors_are_one_line(misato, tmp_path, capsys):
     assert "--method" in capsys.readouterr().err
     assert main(["evaluate", "--merge", "--out", str(tmp_path / "empty")]) == 1
     assert "no shard results" in capsys.readouterr().err
-    with pytest.raises(InputError, match="--metrics clip needs --clip-model"):
+    with pytest.raises(InputError, match="clip_model: the clip metric needs a CLIP model"):
         MetricConfig(metrics=["clip"]).resolved()
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from asuka.attention import LayerTable, TokenMasks, weighted_sdpa
 from asuka.pipelines.harmonpaint.makvs import makvs_applicable, makvs_bypass_bias, makvs_keys_values, mask_adjusted

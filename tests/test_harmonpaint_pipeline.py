@@ -106,7 +106,8 @@ def test_layer_map_and_phase_schedule_by_timestep(pipe, tmp_path, monkeypatch): 
     assert not any(isinstance(p, ControlledAttnProcessor) for p in pipe.unet.attn_processors.values())
     assert all(p.requires_grad for p in pipe.unet.parameters())
     monkeypatch.undo()
-    assert torch.equal(_call(pipe, [0], 5, diagnostics_dir=tmp_path), out)
+    with torch.inference_mode():  # the steer pass still differentiates (inference mode is switched off inside)
+        assert torch.equal(_call(pipe, [0], 5, diagnostics_dir=tmp_path), out)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "sample0_step01_t601_self4_pca.png" in names and "sample0_step04_t1_self4_pca.png" in names
     assert "sample0_step01_t601_cross4x4_token1.png" in names and "sample0_step01_t601_cross2x2_token3.png" in names
@@ -171,3 +172,28 @@ def test_bad_options_and_models_are_one_line_input_errors(parts, pipe):
     four = HarmonPaintPipeline(**tiny_sd_components(in_channels=4), requires_safety_checker=False)
     with pytest.raises(InputError, match="9-channel"):
         four(prompt="x", image=image[:1], mask_image=mask[:1])
+
+
+def test_controls_on_a_real_unet_bypass_and_identities(parts):  # T6 / T8 (proc)
+    unet = parts["unet"]
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 9, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        stock = unet(x, 500, encoder_hidden_states=text).sample
+    plans = plan_steps([500], use_steer=False, makvs_all_steps=True, sams_all_steps=True)
+    empty_and_full = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
+    for kind in ("makvs", "sams"):
+        controller = AttentionController(unet)
+        selfs = controller.layers.select(kind="self")
+        masks = TokenMasks(empty_and_full, resize=resize_mask_to_grid)
+        if kind == "makvs":  # no sample has both hole and known tokens: MAKVS never acts (the original processor runs)
+            controller.add(MAKVS(masks, plans, 1.4, "concat", selfs, (8, 8)), selfs)
+        else:  # tau = 0 with a uniform mask: W = 1, plain attention up to rounding
+            controller.add(SAMS(masks, plans, 0.0, "obj_bg", False), selfs)
+        with controller, torch.no_grad():
+            controller.state.step, controller.state.phase, controller.state.cfg = 0, "main", False
+            out = unet(x, 500, encoder_hidden_states=text).sample
+        if kind == "makvs":
+            assert torch.equal(out, stock)
+        else:
+            torch.testing.assert_close(out, stock, atol=1e-5, rtol=0)

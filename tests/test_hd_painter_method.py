@@ -100,3 +100,20 @@ def test_cli_inpaint_and_evaluate_with_per_image_prompts(tiny_inpaint_dir, tmp_p
     assert sorted(p.stem for p in (report / "predictions").glob("*.png")) == ["boat", "cat"]
     code = main(["inpaint", "--method", "hd-painter", "--set", "sigma_mode=cumulative", *flags])
     assert code != 0 and "--set sigma_mode" in capsys.readouterr().err
+
+
+def test_sr_after_any_method(tiny_inpaint_dir, tmp_path, capsys):
+    from asuka.models.tiny_upscaler import save_tiny_upscaler
+
+    upscaler = save_tiny_upscaler(tmp_path / "x4")
+    image, mask = _batch()
+    sr_options = {"output_long_side": 128, "pad_multiple": 32, "num_inference_steps": 1}
+    painter = Inpainter("sd", model=tiny_inpaint_dir, options={"num_inference_steps": 1}, sr=upscaler,
+                        sr_options=sr_options)
+    out = painter(image, mask, inputs=[{"prompt": "a red boat"}, {"prompt": "a cat"}], seed=0)
+    assert out.shape == (2, 3, 96, 128) and float(out.min()) >= -1 and float(out.max()) <= 1
+    assert painter.settings()["sr"] == str(upscaler)
+    code = main(["inpaint", "--method", "sd", "--model", str(tiny_inpaint_dir), "--steps", "1", "--sr",
+                 str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--sr" in err and "Traceback" not in err

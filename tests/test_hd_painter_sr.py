@@ -72,8 +72,7 @@ def test_s2_full_mask_equals_vanilla_diffusers_upscaler(upscaler_dir, sr_pipe):
     ours = _run(sr_pipe, image, torch.ones(1, 1, SIZE, SIZE), low, poisson=False, num_inference_steps=2)
     ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_dir)
     ref.set_progress_bar_config(disable=True)
-    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                              steps_offset=0)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
     expected = ref(prompt="a boat, high resolution professional photo", negative_prompt="", image=(low + 1) / 2,
                    num_inference_steps=2, guidance_scale=7.5, noise_level=20, output_type="pt",
                    generator=[torch.Generator().manual_seed(0)]).images
@@ -122,3 +121,27 @@ def test_errors(sr_pipe):
         _run(sr_pipe, image, mask, low, prompt=["a", "b"])
     with pytest.raises(InputError, match="low_res"):
         _run(sr_pipe, image, mask, torch.cat([low, low, low]))
+
+
+def test_super_resolve_after_any_method_loads_only_for_holes(upscaler_dir):
+    from asuka.pipelines.hd_painter.sr import load_sr, super_resolve
+
+    image, mask, low = _inputs(batch=2)
+    mask[1] = 0
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return load_sr(upscaler_dir)
+
+    result = torch.nn.functional.interpolate(low, size=(48, SIZE))          # any method's output at the input size
+    out = super_resolve(loader, result, image, mask, ["a boat", "x"], seed=0, output_long_side=128, pad_multiple=PAD,
+                        num_inference_steps=1)
+    assert out.shape == (2, 3, 96, 128) and calls == [1]
+    torch.testing.assert_close(out[1], torch.nn.functional.interpolate(image[1:], size=(96, 128), mode="bicubic",
+                                                                       antialias=True).clamp(-1, 1)[0])
+    assert super_resolve(loader, result, image, torch.zeros_like(mask), None, output_long_side=128).shape[-1] == 128
+    assert calls == [1]                                                     # no hole: nothing loaded
+    with pytest.raises(InputError) as err:
+        load_sr(upscaler_dir / "unet")
+    assert err.value.field == "sr"

@@ -178,3 +178,18 @@ def test_blend_is_exact_in_the_background():
     keep = hole.expand_as(z) < 0.5
     assert_equal(out[keep], (ab.sqrt() * zin + (1 - ab).sqrt() * eps)[keep])
     assert_equal(out[~keep], z[~keep])
+
+
+def test_descend_resets_momentum_at_every_call_oracle_o11():
+    """L = ½‖z‖² per sample: g = z, so K heavy-ball steps from z0 follow a closed form; a second call from the same
+    start repeats it exactly (the velocity starts at 0 at every optimised timestep)."""
+    z0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    loss = lambda z: 0.5 * z.pow(2).flatten(1).sum(1)  # noqa: E731
+    eta, mu = 0.1, 0.7
+    z, v = z0.clone(), torch.zeros_like(z0)
+    for _ in range(3):
+        v = mu * v - eta * z
+        z = z + v
+    first = sch.descend(loss, z0, steps=3, step=eta, momentum=mu)
+    torch.testing.assert_close(first, z, rtol=1e-6, atol=1e-6)
+    assert_equal(sch.descend(loss, z0, steps=3, step=eta, momentum=mu), first)

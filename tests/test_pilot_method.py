@@ -30,6 +30,21 @@ def files(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def adapters(sd_dir, tmp_path_factory):
+    """Tiny ControlNet folder, IP-Adapter weight file (with its image encoder) and LoRA file for the tiny UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from asuka.models.tiny_adapters import LORA_WEIGHT_NAME, save_tiny_controlnet, save_tiny_lora
+    from asuka.models.tiny_ip_adapter import WEIGHT_NAMES, save_tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("pilot-adapters")
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    return {"controlnet": save_tiny_controlnet(root / "cn", unet),
+            "ip_adapter": save_tiny_ip_adapter(root / "ipa", unet) / "models" / WEIGHT_NAMES["ip-adapter"],
+            "lora": save_tiny_lora(root / "lora", unet) / LORA_WEIGHT_NAME}
+
+
 def test_declarations_presets_and_runner_defaults_agree():
     from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
     from asuka.pipelines.pilot.runner import PilotRunner
@@ -66,13 +81,16 @@ def test_api_run_with_paste_back(sd_dir, files):
     assert not torch.equal(out[~keep], image[~keep])
 
 
-def test_cli_inpaint_and_evaluate(sd_dir, files, tmp_path):
+def test_cli_inpaint_with_adapters_and_evaluate(sd_dir, files, adapters, tmp_path):
     from asuka.cli import main
 
     out = tmp_path / "result.png"
     assert main(["inpaint", "--method", "pilot", "--model", str(sd_dir), "--image", str(files / "photo.png"),
-                 "--mask", str(files / "photo_mask.png"), "--prompt", "a cat", "--preset", "t2i_step100",
-                 "--steps", "2", "--set", "op_interval=1", "--set", "num_gradient_ops=1", "--out", str(out)]) == 0
+                 "--mask", str(files / "photo_mask.png"), "--prompt", "a cat", "--preset", "ipa_controlnet_step100",
+                 "--steps", "2", "--set", "op_interval=1", "--set", "num_gradient_ops=1", "--out", str(out),
+                 "--controlnet", str(adapters["controlnet"]), "--control-image", str(files / "control.png"),
+                 "--ip-adapter", str(adapters["ip_adapter"]), "--ip-adapter-image", str(files / "control.png"),
+                 "--lora", str(adapters["lora"])]) == 0
     assert Image.open(out).size == (SIZE, SIZE)
     data = tmp_path / "data" / "512"
     for sub, name in (("image", "photo.png"), ("mask", "photo_mask.png")):
@@ -85,34 +103,42 @@ def test_cli_inpaint_and_evaluate(sd_dir, files, tmp_path):
     assert metrics["settings"]["method"] == "pilot" and metrics["overall"]["n"] == 1
 
 
-def test_bad_option_is_a_field_error():
+def test_bad_option_weights_and_inference_mode_are_field_errors(sd_dir, files):
     from asuka.api import Inpainter
     from asuka.errors import InputError
 
     with pytest.raises(InputError) as err:
         Inpainter("pilot", options={"gamma": 1.5})
     assert err.value.field == "options.gamma"
+    with pytest.raises(InputError) as err:
+        get_method("pilot").load(sd_dir, weights={"lora": files / "missing.safetensors"})
+    assert err.value.field == "weights.lora"
+    painter = Inpainter("pilot", model=sd_dir, options=FAST)
+    with pytest.raises(InputError) as err, torch.inference_mode():
+        painter(files / "photo.png", files / "photo_mask.png", seed=0)
+    assert err.value.field == "num_gradient_ops"
 
 
-def test_builder_loads_controlnet_ip_adapter_and_lora(sd_dir, files, tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    from asuka.models.tiny_adapters import LORA_WEIGHT_NAME, save_tiny_controlnet, save_tiny_lora
-    from asuka.models.tiny_ip_adapter import WEIGHT_NAMES, save_tiny_ip_adapter
+def test_builder_loads_controlnet_ip_adapter_and_lora(sd_dir, files, adapters):
     from asuka.pipelines._common import load_image, load_mask
     from asuka.pipelines.pilot.runner import build_pilot
 
-    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
-    ip_file = save_tiny_ip_adapter(tmp_path / "ipa", unet) / "models" / WEIGHT_NAMES["ip-adapter"]
-    runner = build_pilot(sd_dir, device=torch.device("cpu"), dtype=torch.float32,
-                         controlnet=save_tiny_controlnet(tmp_path / "cn", unet),
-                         ip_adapter=ip_file, lora=save_tiny_lora(tmp_path / "lora", unet) / LORA_WEIGHT_NAME)
+    runner = build_pilot(sd_dir, device=torch.device("cpu"), dtype=torch.float32, **adapters)
     assert runner.multiple == 64 and runner.pipe.controlnet is not None and runner.pipe.image_encoder is not None
     image, mask = load_image(files / "photo.png"), load_mask(files / "photo_mask.png")
     control = load_image(files / "control.png")
     defaults = {**get_method("pilot").spec.defaults(), **FAST}
-    run = lambda **kw: runner(image, mask, generator=[torch.Generator().manual_seed(0)], progress_bar=False,  # noqa: E731
-                              prompt=["a cat"], control=control, ip_adapter_image=[control], **{**defaults, **kw})
+
+    def run(**kw):
+        return runner(image, mask, generator=[torch.Generator().manual_seed(0)], progress_bar=False,
+                      prompt=["a cat"], control_image=control, ip_adapter_image=[control], **{**defaults, **kw})
+
     out = run()
     assert out.shape == image.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, run(lora_scale=0.0))  # the option reaches the loaded LoRA
+    # a batch whose items have different IP-Adapter images runs item by item, equal to single runs
+    pair = runner(image.expand(2, -1, -1, -1), mask.expand(2, -1, -1, -1), progress_bar=False,
+                  generator=[torch.Generator().manual_seed(0) for _ in range(2)], prompt=["a cat"] * 2,
+                  control_image=control.expand(2, -1, -1, -1), ip_adapter_image=[control, image], **defaults)
+    torch.testing.assert_close(pair[:1], out, rtol=0, atol=0)
+    assert not torch.allclose(pair[1:], out)

@@ -131,7 +131,7 @@ def test_mismatched_parts_are_named(mae_dir, tiny_inpaint_dir, tmp_path):
                       aligner=dict(TINY_ALIGNER, cross_attention_dim=64)).load_pretrained()
     with pytest.raises(FileNotFoundError, match="mae="):
         AlignerModule(mae=str(tmp_path), sd_inpaint=str(tiny_inpaint_dir), aligner=TINY_ALIGNER).load_pretrained()
-    with pytest.raises(FileNotFoundError, match="sd_inpaint="):
+    with pytest.raises(FileNotFoundError, match="sd_inpaint: "):
         AlignerModule(mae=str(mae_dir), sd_inpaint=str(tmp_path), aligner=TINY_ALIGNER).load_pretrained()
 
 

@@ -1,4 +1,4 @@
-"""Alignment-module training (ASUKA paper §3.2 and §4; specs/asuka.md §1.1.2, §5 items 1–3, 9).
+"""Alignment-module training (ASUKA paper §3.2 and §4; the FLUX port's head, Yikai-Wang/asuka-misato ``asuka-flux/src/flux``).
 
 Per step, for a batch ``image`` (B,3,H,W) in [-1,1] (512² in the paper) and hole masks from the ``asuka_train``
 recipe (the MAE's masking, paper §3.2):
@@ -20,7 +20,7 @@ to ``C``; ``gradient_checkpointing`` recomputes the UNet's blocks in backward (d
 ``torch.is_grad_enabled()``, not on ``unet.training``, so the frozen parts stay in ``eval()`` mode throughout).
 
 Optimizer: AdamW with **lr 5e-2, the paper's stated value** (§4). It looks implausibly high for transformer blocks
-(spec §5.9: possibly a typo; no code confirms it) — it is exposed as ``lr``; ``warmup_steps`` adds a linear warm-up
+(possibly a typo; no released code confirms it) — it is exposed as ``lr``; ``warmup_steps`` adds a linear warm-up
 (0 = none, the paper names none). betas / weight decay are torch's AdamW defaults (0.9, 0.999) / 0.01: the paper
 does not state them.
 
@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
 
@@ -71,14 +71,10 @@ def swap_to_reconstructed(mask: torch.Tensor, p: float | torch.Tensor, generator
 
 def sd_inpaint_source(path: str | Path) -> str:
     """An SD-inpainting pipeline folder (must hold ``unet/``), a hub id, or ``"tiny"`` (the tiny CPU-demo folder)."""
-    path = expand_tiny(path)
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute() or str(path).startswith("."):
-        if not (p / "unet" / "config.json").is_file():
-            raise FileNotFoundError(f"sd_inpaint={str(path)!r} has no unet/config.json; pass a diffusers "
-                                    "SD-inpainting pipeline folder, a hub id or 'tiny'")
-        return str(p)
-    return str(path)  # a hub id, resolved by diffusers
+    from asuka.weights import resolve_pretrained
+
+    return resolve_pretrained(expand_tiny(path), field="sd_inpaint", marker="unet/config.json",
+                              what="diffusers SD-inpainting pipeline ('tiny' for the demo one)")
 
 
 class AlignerModule(StageModule):

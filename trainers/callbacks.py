@@ -34,6 +34,14 @@ def image_grid(columns: dict[str, torch.Tensor]) -> torch.Tensor:
     return make_grid(((rows + 1) / 2).clamp(0, 1), nrow=len(tensors), padding=2, pad_value=1.0)
 
 
+def logged_step(trainer: Trainer) -> int:
+    """The step ``self.log`` scalars are written at: Lightning counts it in training batches that stepped, which
+    differs from ``global_step`` (optimiser steps) when a stage steps two optimisers per iteration (the decoder).
+    Images logged at this step line up with the scalars in TensorBoard."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
 class ImageLogger(Callback):
     """Logs ``pl_module.log_images(batch)`` on the first validation batches as one TensorBoard grid.
 
@@ -71,7 +79,7 @@ class ImageLogger(Callback):
         grid = image_grid({name: torch.cat(parts) for name, parts in self._columns.items()})
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"{self.tag}/{' | '.join(self._columns)}", grid, trainer.global_step)
+                logger.experiment.add_image(f"{self.tag}/{' | '.join(self._columns)}", grid, logged_step(trainer))
         self._columns, self._count = {}, 0
 
 

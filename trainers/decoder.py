@@ -1,4 +1,4 @@
-"""Harmonizing-decoder training (ASUKA paper §3.3; specs/asuka.md §1.1.3, §1.2, §5 items 7, 8, 10, 11).
+"""Harmonizing-decoder training (ASUKA paper §3.3; the recipe of Asymmetric VQGAN, buxiangzhiren/Asymmetric_VQGAN ``ldm/models/autoencoder.py``, which ASUKA follows).
 
 Per iteration, for a batch ``image`` (B,3,H,W) in [-1,1] with hole masks from the ``asuka_train`` recipe:
 
@@ -33,7 +33,6 @@ VAE decoder kept for the image grids. Trainable: decoder + condition encoder, di
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from asuka.tensors import paste_back
 from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from trainers.color_augment import color_jitter, sample_params
 from trainers.losses import NLayerDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss, kl_loss, nll_loss
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["DecoderModule", "vae_folder"]
 
@@ -69,8 +68,9 @@ def vae_folder(path: str | Path) -> Path:
 
 def _config_class(folder: Path) -> str | None:
     """``_class_name`` of a diffusers ``save_pretrained`` folder's ``config.json`` (None without one)."""
-    config = folder / "config.json"
-    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    from asuka.weights import config_class_name
+
+    return config_class_name(folder, field="vae")
 
 
 class DecoderModule(StageModule):
@@ -280,8 +280,12 @@ class DecoderModule(StageModule):
         d_opt.zero_grad(set_to_none=True)
         for scheduler in self.lr_schedulers():
             scheduler.step()
+        # the bar shows the terms a person reads (L1 in [0, 2], LPIPS); "train/loss" is the generator objective, whose
+        # NLL term sums over pixels (LDM's convention, ~1e3-1e4) and is only comparable between runs
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=image.shape[0])
-        self.log("train/loss", g_total, on_step=True, on_epoch=False, prog_bar=True, batch_size=image.shape[0])
+        self.log_dict({"l1": l1, "lpips": lpips_value}, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                      batch_size=image.shape[0])
+        self.log("train/loss", g_total, on_step=True, on_epoch=False, batch_size=image.shape[0])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """One decision for both optimisers: skip both when any loss or gradient of either is not finite."""

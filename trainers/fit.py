@@ -16,8 +16,15 @@ LightningCLI over every :class:`trainers.base.StageModule` (``model.class_path``
 Bad arguments and files (a missing ``init_from``, an empty shard list, a checkpoint of another model) end the command
 with a one-line ``python -m trainers.fit: error: ...`` on stderr and exit status 2, without a traceback.
 
-Without arguments it runs the built-in CPU demo ``configs/tiny/mae.yaml`` (a tiny MAE fine-tuned on the bundled sample
-photographs), resolved relative to this package, not the working directory.
+Without ``--config`` it runs the built-in CPU demo ``configs/tiny/mae.yaml`` (a tiny MAE fine-tuned on the bundled
+sample photographs; resolved relative to this package, not the working directory), and other options override it:
+``python -m trainers.fit --trainer.max_steps 10``; ``--print_config`` shows it.
+
+A run that starts from scratch (no ``--ckpt_path``) into a checkpoint folder that already holds checkpoints is refused
+before any work: continue that run with ``--ckpt_path last``, or choose another folder (``trainer.default_root_dir``
+and the ``ModelCheckpoint`` ``dirpath``), or delete it. (Lightning would write ``-v1`` files beside the old ones.)
+A SLURM requeue, which Lightning resumes from its HPC checkpoint, is not affected. ``final.ckpt`` in that folder is the
+checkpoint at the end of training from which ``--export_to`` exports; resuming a finished run rewrites it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from trainers.base import NonFiniteLossError, StageModule, checkpoint_folder
 from trainers.checkpoint_io import AtomicCheckpointIO, resolve_resume_path
 from trainers.checks import run_command
+from trainers.console import StepProgressBar, quiet_lightning
 from trainers.export import export_checkpoint
 
 __all__ = ["DEFAULT_CONFIG", "PAPER_CONFIGS", "main"]
@@ -46,6 +54,11 @@ PAPER_CONFIGS = REPO_ROOT / "configs"
 
 class AsukaCLI(LightningCLI):
     """LightningCLI with ``--ckpt_path`` and ``--export_to`` at the top level (no subcommands)."""
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        if config.get("enable_progress_bar", True) is not False:  # the step bar replaces Lightning's default bar
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from 'last', 'hpc' or a path")
@@ -63,13 +76,16 @@ def main(args: list[str] | None = None) -> Trainer:
 
 def _main(args: list[str] | None) -> Trainer:
     argv = list(sys.argv[1:] if args is None else args)
-    demo = not argv
-    cli_args = args
+    quiet_lightning()
+    demo = not any(a == "--config" or a.startswith("--config=") for a in argv)
+    cli_args = argv
     if demo:
         if not DEFAULT_CONFIG.is_file():
             raise FileNotFoundError(f"built-in demo config {DEFAULT_CONFIG} is missing; pass --config explicitly")
-        cli_args = ["--config", str(DEFAULT_CONFIG)]
-        print(f"No arguments: running the built-in CPU demo {DEFAULT_CONFIG.relative_to(REPO_ROOT)}", flush=True)
+        cli_args = ["--config", str(DEFAULT_CONFIG), *argv]
+        if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+            print(f"No --config: running the built-in CPU demo {DEFAULT_CONFIG.relative_to(REPO_ROOT)}"
+                  f"{' with your overrides' if argv else ''}", flush=True)
     cli = AsukaCLI(
         StageModule,
         LightningDataModule,
@@ -78,6 +94,7 @@ def _main(args: list[str] | None) -> Trainer:
         run=False,
         args=cli_args,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"enable_model_summary": False},
         parser_kwargs={"prog": "python -m trainers.fit", "description": __doc__.split("\n\n")[0]},
     )
     trainer = cli.trainer
@@ -86,6 +103,8 @@ def _main(args: list[str] | None) -> Trainer:
     if cli.config.torch_threads is not None:
         torch.set_num_threads(cli.config.torch_threads)
     ckpt_path = resolve_resume_path(cli.config.ckpt_path, checkpoint_folder(trainer))
+    if cli.config.ckpt_path is None:
+        _refuse_earlier_run(trainer)
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as error:  # the checkpoint names code: refused by weights_only=True
@@ -109,6 +128,17 @@ def _main(args: list[str] | None) -> Trainer:
     if trainer.is_global_zero:
         _summary(trainer, exported, demo)
     return trainer
+
+
+def _refuse_earlier_run(trainer: Trainer) -> None:
+    """A fresh run must not write beside an earlier run's checkpoints (SLURM requeues resume and pass)."""
+    folder = checkpoint_folder(trainer)
+    earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if earlier and trainer._checkpoint_connector._hpc_resume_path is None:
+        shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ValueError(f"{folder} already holds checkpoints of an earlier run ({shown}); continue it with "
+                         "--ckpt_path last, or start over in another folder (--trainer.default_root_dir and the "
+                         "checkpoint dirpath) or after deleting this one")
 
 
 def _summary(trainer: Trainer, exported: Path | None, demo: bool) -> None:

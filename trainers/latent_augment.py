@@ -1,4 +1,4 @@
-"""Offline latent augmentation for decoder training (ASUKA paper §3.3, Eq. 1; specs/asuka.md §1.1.3, §5 item 11).
+"""Offline latent augmentation for decoder training (ASUKA paper §3.3, Eq. 1; no released code).
 
 ``python -m trainers.latent_augment --config configs/latent_augment.yaml`` runs the frozen SD-1.5-inpainting UNet
 once over every training image and writes, beside the input shards, new shards whose samples keep every original
@@ -48,7 +48,7 @@ from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, d
                                manifest_splits, write_manifest)
 from asuka.tensors import to_numpy_uint8
 from trainers.checks import run_command
-from trainers.sources import expand_tiny
+from asuka.models.tiny import expand_tiny
 
 __all__ = ["LatentAugmenter", "ShardWriter", "add_noise", "key_draw", "predict_x0", "run"]
 

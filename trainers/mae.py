@@ -1,4 +1,4 @@
-"""MAE prior fine-tuning on inpainting masks (ASUKA paper §3.1; MAE-FAR recipe, specs/asuka.md §1.1.1, §1.3).
+"""MAE prior fine-tuning on inpainting masks (ASUKA paper §3.1; the MAE-FAR recipe, ewrfcas/MAE-FAR ``MAE/``).
 
 Per step: the batch image (B,3,H,W) in [-1,1] is ImageNet-normalised at the model's ``img_size`` and the hole mask
 (1 = hole) binarised at that size (``asuka.models.mae.preprocess``); ``MAEPrior.forward_train`` applies MAE-FAR's
@@ -150,11 +150,12 @@ class MAEModule(StageModule):
         for group, name in zip(groups, ("decay", "no_decay")):
             group["name"] = name  # TensorBoard: lr/decay, lr/no_decay
         optimizer = adamw(groups, lr=lr, betas=tuple(hp.betas))
-        total = self.total_training_steps()
+        run = self.total_training_steps()
+        total = max(run, hp.warmup_steps)  # a run shorter than the warm-up ends inside it
         source = "fixed lr" if hp.lr is not None else f"base_lr {hp.base_lr} × {effective}/256"
         rank_zero_info(
             f"MAE fine-tuning: effective batch {effective}, lr {lr:.3g} ({source}), "
-            f"{hp.warmup_steps} warm-up of {total} steps"
+            f"{hp.warmup_steps} warm-up of {total} steps" + (f" (this run stops at step {run})" if run < total else "")
         )
         scheduler = warmup_cosine_scheduler(
             optimizer, warmup_steps=hp.warmup_steps, total_steps=total, min_factor=hp.min_lr / lr

@@ -46,7 +46,7 @@ def discover(data: str | Path, *, resolution: int = 512, masks: str | Path | Non
     """
     data = Path(data).expanduser()
     if not data.is_dir():
-        raise InputFileNotFoundError(f"--data: no such folder {data}")
+        raise InputFileNotFoundError(f"no such folder {data}", "data")
     misato = None if masks is not None else _misato_root(data, resolution)
     if misato is not None:
         return [EvalItem(m.key, m.image_path, m.mask_path, m.domain) for m in list_misato(*misato)]
@@ -54,12 +54,12 @@ def discover(data: str | Path, *, resolution: int = 512, masks: str | Path | Non
     mask_dir = Path(masks).expanduser() if masks is not None else _subfolder(data, _MASK_DIRS)
     if image_dir is None or mask_dir is None or not mask_dir.is_dir():
         raise InputFileNotFoundError(
-            f"--data {data}: expected a MISATO folder ({data}/{resolution}/image, {data}/{resolution}/mask), "
-            f"a folder with image/ and mask/ subfolders, or --masks DIR for a folder of images")
+            f"{data}: expected a MISATO folder ({data}/{resolution}/image, {data}/{resolution}/mask), "
+            f"a folder with image/ and mask/ subfolders, or a masks folder for a folder of images", "data")
     by_stem = {p.stem: p for p in list_image_files(mask_dir)}
     images = list_image_files(image_dir)
     if not images:
-        raise InputError(f"--data: no image files in {image_dir}")
+        raise InputError(f"no image files in {image_dir}", "data")
     missing = [p.name for p in images if p.stem not in by_stem]
     if missing:
         raise InputFileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no mask of the same stem in "

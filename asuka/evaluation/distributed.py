@@ -22,7 +22,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"--shard: need 0 <= i < n, got {self.index}/{self.count}")
+            raise ValueError(f"shard: need 0 <= i < n, got {self.index}/{self.count}")
 
     def take(self, items: Sequence[T]) -> list[T]:
         return list(items[self.index::self.count])
@@ -37,7 +37,7 @@ def parse_shard(text: str) -> Shard:
     try:
         index, count = (int(t) for t in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard: expected i/n such as 0/4, got {text!r}") from None
+        raise ValueError(f"shard: expected i/n such as 0/4, got {text!r}") from None
     return Shard(index, count)
 
 

@@ -38,7 +38,7 @@ def predict(items: Sequence[tuple[int, EvalItem]], folder: str | Path, painter: 
     """Run ``painter`` (an :class:`asuka.api.Inpainter`) over ``(position, item)`` pairs whose prediction is missing,
     with each item's extra inputs ``inputs[key]``; returns how many ran."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     todo = [item for _, item in items if not prediction_path(folder, item).is_file()]

@@ -40,6 +40,7 @@ class MethodRun:
     preset: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     option_strings: Mapping[str, str] = field(default_factory=dict)
+    weights: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class EvalConfig:
 
     ``inputs``: extra inputs by role for every method (one value for all items, a ``{key: value}`` mapping, a
     per-key text table file or a folder matched by key; see :func:`asuka.api.per_stem_inputs`); a method receives
-    the roles it declares.
+    the roles it declares. A ``DATA/reference`` folder (:data:`DATA_INPUT_FOLDERS`) is the ``reference`` input of
+    the methods that take one unless given explicitly.
     """
 
     data: str
@@ -98,7 +100,7 @@ def evaluate(config: EvalConfig) -> dict | None:
     """Run this process's share; returns the merged summary where this process merges, else ``None``.
 
     Every method's options and inputs are checked before any model loads or any image is predicted."""
-    from asuka.api import Inpainter, per_stem_inputs
+    from asuka.api import Inpainter, per_stem_inputs, quiet_loading
 
     from .predict import predict
     from .scoring import MetricSuite, score_items, write_shard
@@ -113,27 +115,31 @@ def evaluate(config: EvalConfig) -> dict | None:
     items = discover(config.data, resolution=config.resolution, masks=config.masks)[:config.limit]
     device = _device(config.device)
     painters = [Inpainter(run.method, run.model, device=device, decoder=run.decoder, preset=run.preset,
-                          options=run.options, option_strings=run.option_strings) for run in config.methods]
+                          options=run.options, option_strings=run.option_strings, weights=run.weights)
+                for run in config.methods]
     keys = [item.key for item in items]
-    inputs = [per_stem_inputs(p.spec, keys, {r: v for r, v in config.inputs.items() if _takes(p, r)})
-              for p in painters]
     unused = set(config.inputs) - {r for p in painters for r in config.inputs if _takes(p, r)}
     if unused:
         raise InputError(f"no listed method takes {', '.join(sorted(unused))}", f"inputs.{sorted(unused)[0]}")
+    given = {**data_inputs(config.data, config.masks), **config.inputs}
+    inputs = [per_stem_inputs(p.spec, keys, {r: v for r, v in given.items() if _takes(p, r)}) for p in painters]
     mine = shard.take(list(enumerate(items)))
+    if not config.progress:
+        quiet_loading()
     suite = MetricSuite(config.metrics, device)  # builds backbones first: a missing weight fails before inference
     out = Path(config.out)
     runs = [(method_folder(out, p.method, len(painters)), p, i) for p, i in zip(painters, inputs)] \
         or [(out, None, {})]
-    for folder, painter, given in runs:
+    for folder, painter, per_key in runs:
         predictions = folder / "predictions" if painter is not None else Path(config.predictions)
         if painter is not None:
-            predict(mine, predictions, painter, inputs=given, batch_size=config.batch_size, seed=config.seed,
-                    progress=config.progress)
+            computed = predict(mine, predictions, painter, inputs=per_key, batch_size=config.batch_size,
+                               seed=config.seed, progress=config.progress)  # loads the model only if needed
+            print(f"asuka evaluate: {painter.method}: reused {len(mine) - computed} predictions, computed {computed}")
             painter.release()  # one method in memory at a time
         records, real, fake = score_items([item for _, item in mine], predictions, suite,
                                           batch_size=config.batch_size, progress=config.progress)
-        role_values = {r: v for r, v in config.inputs.items() if painter is not None and _takes(painter, r)}
+        role_values = {r: v for r, v in given.items() if painter is not None and _takes(painter, r)}
         write_shard(folder / "shards", shard.name, records, real, fake,
                     config.meta(painter.settings() if painter else None, role_values))
     if under_torchrun:
@@ -144,6 +150,20 @@ def evaluate(config: EvalConfig) -> dict | None:
     print(f"asuka evaluate: shard {shard.index}/{shard.count} written; when every shard has finished run: "
           f"asuka evaluate --merge --out {out}")
     return None
+
+
+DATA_INPUT_FOLDERS = {"reference": ("reference", "references")}
+"""Per-item input folders found beside ``image/`` and ``mask/`` in a data folder (matched by stem), by role."""
+
+
+def data_inputs(data: str | Path, masks: str | None) -> dict[str, Path]:
+    """Input folders of a folder-pair evaluation set (``DATA/{image,mask,reference}``): used for the methods that
+    declare the role unless the role is given explicitly."""
+    root = Path(data).expanduser()
+    if masks is not None:
+        return {}
+    return {role: next(root / n for n in names if (root / n).is_dir())
+            for role, names in DATA_INPUT_FOLDERS.items() if any((root / n).is_dir() for n in names)}
 
 
 def _takes(painter, role: str) -> bool:
@@ -185,7 +205,7 @@ def merge(out: str | Path, *, count: int | None = None) -> dict:
                             {name: p for name, (_, p) in results.items()}, count=REPORT_GRID)
 
 
-_PER_METHOD = {"method", "model", "decoder", "preset", "options", "inputs", "seed_rule"}
+_PER_METHOD = {"method", "model", "decoder", "preset", "options", "weights", "inputs", "seed_rule"}
 
 
 def _check_comparable(results: Mapping[str, dict]) -> None:

@@ -67,10 +67,10 @@ class MetricConfig:
             return tuple(names)
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
-            raise InputError(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+            raise InputError(f"unknown metric(s) {unknown}; choose from {','.join(METRICS)}", "metrics")
         if "clip" in self.metrics and not self.clip_model:
-            raise InputError("--metrics clip needs --clip-model (a local CLIP folder or a hub id such as "
-                             "openai/clip-vit-large-patch14)")
+            raise InputError("the clip metric needs a CLIP model (a local CLIP folder or a hub id such as "
+                             "openai/clip-vit-large-patch14)", "clip_model")
         return tuple(dict.fromkeys(self.metrics))
 
     def describe(self) -> dict:

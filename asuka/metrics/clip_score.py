@@ -3,7 +3,7 @@
 ``score = 100 · max(cos(e_a, e_b), 0)`` per image (the torchmetrics ``CLIPScore`` scale), where the
 embeddings are CLIP's projected image/text features. Image–image scoring compares the prediction with the
 ground truth; ``region="hole"`` (default) first multiplies both images by the hole mask so only the filled
-region counts, as ASUKA's ``eval/cal_clip_score.py`` does (specs/asuka.md §1.1.6; its later
+region counts, as ASUKA's ``eval/cal_clip_score.py`` does (Yikai-Wang/asuka-misato; its later
 mean-over-features step looks broken and is not reproduced). ASUKA's paper used an unreleased
 mask-region CLIP; ``openai/clip-vit-large-patch14`` is the usual public choice. A hub id downloads only
 because the user named it; with ``HF_HUB_OFFLINE=1`` only the local cache is used.
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from asuka.tensors import to_uint8
+from asuka.weights import resolve_pretrained
 
 
 def _embedding(output) -> torch.Tensor:
@@ -33,12 +34,7 @@ class CLIPScore(nn.Module):
 
         if region not in ("hole", "full"):
             raise ValueError(f"region must be 'hole' or 'full', got {region!r}.")
-        name, local = str(model), Path(model).expanduser()
-        if (name.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-            raise FileNotFoundError(f"--clip-model: no such folder {name!r} (a saved CLIPModel + CLIPProcessor, "
-                                    f"or a hub id such as 'openai/clip-vit-large-patch14').")
-        if local.is_dir():
-            name = str(local)
+        name = resolve_pretrained(model, field="clip_model", what="CLIPModel + CLIPProcessor")
         self.model_name = str(model)
         self.region = region
         self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)

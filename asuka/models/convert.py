@@ -4,7 +4,7 @@ Shared pieces (reused by every converter): :func:`~asuka.models.checkpoint.read_
 (``torch.load(weights_only=True)`` or safetensors), :func:`load_strict` (names every missing, unexpected and mis-shaped key) and
 :class:`StateDictMismatchError`.
 
-MAE prior (:class:`~asuka.models.mae.MAEPrior`, specs/asuka.md §1.1.1, §1.3, §1.4):
+MAE prior (:class:`~asuka.models.mae.MAEPrior`; MAE-FAR ``MAE/models_mae.py``, facebookresearch/mae ``models_mae.py``):
 
 * **MAE-FAR / ASUKA** (``ewrfcas/MAE-FAR`` ``MaskedAutoencoderViT[Finetune]``, ASUKA's ``mae_300.pth``):
   ``{'model': state_dict, ...}`` whose keys already are ``MAEPrior``'s (``patch_embed.proj.*``,
@@ -42,7 +42,7 @@ from asuka.models.mae import MAEPrior, sincos_pos_embed_2d
 
 
 # Encoder heads are not recoverable from weights; MAE's published sizes (ViT-B/L/H) fix them.
-_ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}
+_ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}  # ViT-B/L/H; other widths: 64-d heads, ViT's convention
 _DECODER_HEADS = 16
 _EXTRA_KEYS = ("decoder_patch_embed.proj.weight", "decoder_patch_embed.proj.bias", "alpha")
 
@@ -122,7 +122,8 @@ def mae_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, cls_to
         raise ValueError(f"{source}: pos_embed has {tokens} patch tokens, not a square grid")
     config = dict(
         img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
-        depth=_count_blocks(state_dict, "blocks"), num_heads=_ENCODER_HEADS.get(embed_dim),
+        depth=_count_blocks(state_dict, "blocks"),
+        num_heads=_ENCODER_HEADS.get(embed_dim, embed_dim // 64 if embed_dim % 64 == 0 else None),
         decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0],
         decoder_depth=_count_blocks(state_dict, "decoder_blocks"), decoder_num_heads=_DECODER_HEADS,
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
@@ -237,7 +238,7 @@ def mae_prior_from_official_mae(checkpoint: Union[PathLike, Mapping[str, torch.T
 
 # --------------------------------------------------------------------------------------------------
 # Harmonizing decoder: Asymmetric VQGAN and ASUKA checkpoints (LDM key layout) -> HarmonizingDecoderKL
-# Facts: specs/asuka.md §1.1.3, §1.2, §3. LDM names: ``{encoder,decoder}.conv_in``, ``down.{i}.block.{j}``,
+# Sources: Yikai-Wang/asuka-misato ``asuka_decoder.py``, buxiangzhiren/Asymmetric_VQGAN ``my_decoder.py``. LDM names: ``{encoder,decoder}.conv_in``, ``down.{i}.block.{j}``,
 # ``down.{i}.downsample.conv``, ``mid.block_{1,2}``, ``mid.attn_1.{norm,q,k,v,proj_out}`` (1x1 convs),
 # ``up.{i}.block.{j}`` (``up.0`` is the full-resolution level, diffusers' last up block),
 # ``up.{i}.upsample.conv``, ``norm_out``, ``conv_out``, ``nin_shortcut``; the condition branch is

@@ -237,3 +237,10 @@ def default_tiny_inpaint_dir() -> Path:
     """The tiny SD-inpainting folder used by demos, written once to the cache folder (:func:`cached_pipeline_dir`)
     under ``tiny-sd-inpaint``."""
     return cached_pipeline_dir("tiny-sd-inpaint", save_tiny_sd_inpaint)
+
+
+def expand_tiny(path: str | Path) -> str | Path:
+    """``path`` itself, or when ``path`` is ``"tiny"`` the tiny random SD-inpainting pipeline folder of the CPU demos
+    (:func:`default_tiny_inpaint_dir`): the shorthand every trainer path option and ``AsukaInpaintPipeline.from_parts``
+    accept, so the README's snippets and the tiny configs run offline as written."""
+    return str(default_tiny_inpaint_dir()) if str(path) == "tiny" else path

@@ -74,10 +74,10 @@ def tiny_upscaler_vae(seed: int = 0) -> AutoencoderKL:
         return _vae((8, 16, 32), 4).eval()
 
 
-def sd_x4_upscaler_unet(seed: int = 0) -> UNet2DConditionModel:
+def sd_x4_upscaler_unet(seed: int = 0, cross_attention_dim: int = 1024) -> UNet2DConditionModel:
     """The x4 upscaler's UNet at its real widths (256, 512, 512, 1024), random weights, for benchmarks."""
     with seeded(seed):
-        return _unet((256, 512, 512, 1024), 32, 8, 1024).eval()
+        return _unet((256, 512, 512, 1024), 32, 8, cross_attention_dim).eval()
 
 
 def sd_x4_upscaler_vae(seed: int = 0) -> AutoencoderKL:

@@ -3,7 +3,7 @@
 The tensor helpers it applies (padding, resizing, paste-back, uint8 conversion, :data:`MASK_THRESHOLD`) live in
 :mod:`asuka.tensors`; errors are :mod:`asuka.errors`'s.
 
-Conventions (DESIGN.md), applied once, at the boundary:
+Conventions (README "Conventions"), applied once, at the boundary:
 
 - **Images** become ``float32`` tensors ``(B, 3, H, W)`` in ``[-1, 1]``.
   Paths, PIL images and numpy arrays are API-edge formats: ``uint8`` is read as ``[0, 255]``, 16-bit
@@ -285,9 +285,9 @@ def prepare_inputs(image, mask, *, max_size: int | None = None) -> tuple[torch.T
 def check_max_size(height: int, width: int, max_size: int) -> None:
     """Error when the longest side exceeds ``max_size``, naming the option to raise and the HD strategies."""
     if max(height, width) > max_size:
-        raise InputError(f"image: {width}x{height} exceeds max_size={max_size} (longest side a method is run at); "
-                         "raise it with max_size= / --max-size, or use hd_strategy='crop' / 'resize' "
-                         "(--hd-strategy crop|resize) to process a crop around the hole or a downscaled copy")
+        raise InputError(f"the image's {width}x{height} exceeds max_size={max_size} (the longest side a method is run "
+                         "at); raise max_size, or set hd_strategy to crop or resize to process a crop around the hole "
+                         "or a downscaled copy", "max_size")
 
 
 def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:

@@ -20,9 +20,10 @@ imported only when asked for. The call declares the method's options, presets an
 
 Modules and packages of ``asuka/pipelines`` whose name starts with ``_`` are infrastructure, never methods.
 
-**Builder**: ``build(model, *, device, dtype, vae) -> runner``; ``model`` is a folder or hub id (checked with
-:func:`resolve_model`), ``vae`` is ``None`` (keep the model's own) or an autoencoder module to use instead (e.g. a
-``HarmonizingDecoderKL``: decode with the image and mask, see ``asuka.pipelines._sampling.decode``).
+**Builder**: ``build(model, *, device, dtype, vae, **weights) -> runner``; ``model`` is a folder or hub id (checked
+with :func:`resolve_model`), ``vae`` is ``None`` (keep the model's own) or an autoencoder module to use instead (e.g.
+a ``HarmonizingDecoderKL``: decode with the image and mask, see ``asuka.pipelines._sampling.decode``); ``weights``
+are the declared :class:`~asuka.options.Weights` (a folder, file or hub id each, ``None`` when not given).
 
 **Runner**: ``runner(image, mask, *, generator, progress_bar, **options, **inputs) -> image`` with an attribute
 ``multiple`` (the size multiple it needs, 8 or 64). ``image`` is ``(B,3,H,W)`` in [-1,1], ``mask`` ``(B,1,H,W)`` in
@@ -36,15 +37,16 @@ image -> a list of ``B`` ``(1,3,h,w)`` tensors in [-1,1] (``None`` when not give
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 import importlib.util
 import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from asuka.errors import InputError
-from asuka.options import Input, MethodSpec, Option, Preset
+from asuka.options import Input, MethodSpec, Option, Preset, Weights
 
 if TYPE_CHECKING:
     import torch
@@ -92,16 +94,22 @@ class InpaintMethod:
     default_model: Callable[[], str | Path] | str | None = None
     description: str = ""
     spec: MethodSpec = field(default_factory=MethodSpec)
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    """Option values for smoke tests and benchmarks: the cheapest setting that still runs every stage."""
 
     def builder(self) -> Builder:
         return _import_attribute(self.build) if isinstance(self.build, str) else self.build
 
     def load(self, model: str | Path | None = None, *, device: "torch.device | str" = "cpu",
-             dtype: "torch.dtype | None" = None, decoder: Any = None) -> InpaintRunner:
+             dtype: "torch.dtype | None" = None, decoder: Any = None,
+             weights: Mapping[str, Any] | None = None) -> InpaintRunner:
         """Build the runner from ``model`` (a folder or hub id; the method's default when ``None``), its VAE
-        replaced by ``decoder`` (a loaded autoencoder or an export folder / hub id) when given."""
+        replaced by ``decoder`` (a loaded autoencoder or an export folder / hub id) when given, and the declared
+        extra ``weights`` (``{name: folder, file or hub id}``; every declared one reaches the builder, ``None`` when
+        not given)."""
         import torch
 
+        extra = self.spec.resolve_weights(weights)
         if model is None:
             if self.default_model is None:
                 raise InputError(f"method {self.name!r} has no default weights; pass a folder or hub id", "model")
@@ -113,12 +121,44 @@ class InpaintMethod:
             decoder = load_autoencoder(decoder, dtype=dtype, field="decoder")
         build = self.builder()
         try:
-            return build(model, device=torch.device(device), dtype=dtype, vae=decoder)
+            with _hub_quiet():
+                return build(model, device=torch.device(device), dtype=dtype, vae=decoder, **extra)
         except InputError:
             raise
         except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
-            raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {' '.join(str(err).split())}",
+            raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {loading_error_text(err)}",
                              "model") from err
+
+
+_NOT_CACHED = ("not fully cached locally", "outgoing traffic has been disabled", "couldn't connect to",
+               "Cannot reach https://huggingface.co")
+
+
+def loading_error_text(err: BaseException) -> str:
+    """One line for a diffusers/transformers loading failure: a hub id that is neither cached nor reachable says so
+    (instead of the libraries' advice to read a stack trace that is not shown)."""
+    text = " ".join(str(err).split())
+    if any(marker.lower() in text.lower() for marker in _NOT_CACHED):
+        return ("it is not in the local Hugging Face cache and the Hub cannot be reached (offline); download it "
+                "once with network access (e.g. `huggingface-cli download ID`) or pass a local folder")
+    return text.replace(" Please check out the root cause in the stacktrace above.", "")
+
+
+@contextmanager
+def _hub_quiet():
+    """diffusers' and transformers' loggers at error level while a method loads: their "Couldn't connect to the Hub /
+    Will try to load from local cache" warnings are not actionable; a real failure is raised and reported once."""
+    import diffusers
+    import transformers
+
+    levels = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity())
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.utils.logging.set_verbosity(levels[1])
 
 
 def resolve_model(model: str | Path, *, name: str = "model") -> str:
@@ -149,20 +189,30 @@ _UNAVAILABLE: dict[str, str] = {}  # method module name -> why it failed to impo
 def register_method(name: str, *, build: Builder | str | None = None,
                     default_model: Callable[[], str | Path] | str | None = None, description: str = "",
                     options: Sequence[Option] = (), inputs: Sequence[Input] = (),
-                    presets: Sequence[Preset] = ()) -> Any:
+                    presets: Sequence[Preset] = (), weights: Sequence[Weights] = (),
+                    quick: Mapping[str, Any] | None = None) -> Any:
     """Register method ``name``: its builder (``"module:function"``, or a callable), default weights, description
-    and declarations. Returns the :class:`InpaintMethod`; without ``build`` it is a decorator for the builder
-    function (returned unchanged). Invalid declarations raise ``ValueError`` at registration."""
+    and declarations. ``quick``: option values for smoke tests and benchmarks (default: 2 steps when the method has
+    ``num_inference_steps``), the cheapest setting that still runs every stage. Returns the
+    :class:`InpaintMethod`; without ``build`` it is a decorator for the builder function (returned unchanged).
+    Invalid declarations raise ``ValueError`` at registration."""
     if build is None:
         def decorator(function: Builder) -> Builder:
             register_method(name, build=function, default_model=default_model, description=description,
-                            options=options, inputs=inputs, presets=presets)
+                            options=options, inputs=inputs, presets=presets, weights=weights, quick=quick)
             return function
 
         return decorator
     if not description and callable(build):
         description = (build.__doc__ or "").strip().split("\n")[0]
-    method = InpaintMethod(name, build, default_model, description, MethodSpec(options, inputs, presets))
+    spec = MethodSpec(options, inputs, presets, weights)
+    if quick is None:
+        quick = {"num_inference_steps": 2} if "num_inference_steps" in spec.by_name else {}
+    try:
+        spec.resolve(values=quick)
+    except InputError as err:
+        raise ValueError(f"method {name!r}: quick settings: {err}") from None
+    method = InpaintMethod(name, build, default_model, description, spec, dict(quick))
     previous = _METHODS.get(name)
     if previous is not None and previous.build is not build and previous.build != build:
         where = previous.build if isinstance(previous.build, str) else previous.build.__module__

@@ -1,9 +1,9 @@
-"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; specs/asuka.md §1.1.4).
+"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; Yikai-Wang/asuka-misato ``asuka-flux/test_asuka_flux.py``).
 
 Order: MAE prior at 256² (``MAEPrior.prior``) -> ``PriorAligner`` -> condition (B, 256, 768) used as the SD-inpaint
-UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper; spec §5.2) -> decode, where an
+UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper §3.2) -> decode, where an
 ``AsymmetricAutoencoderKL`` (e.g. ASUKA's ``HarmonizingDecoderKL``) receives the full input image and the binary mask
--> paste-back of the known pixels (on by default: the paper's evaluation composites, spec §5.12; the official inference
+-> paste-back of the known pixels (on by default: the paper's evaluation composites, ``asuka-flux/eval/*.py``; the official inference
 scripts do not).
 
 The latent mechanics (initial noise, mask and masked-image latents, scheduler steps, decoding) are diffusers'
@@ -38,10 +38,12 @@ from asuka.models import decoder as _decoder
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.seeding import seeded
+from asuka.models.tiny import expand_tiny
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
 from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, unet_input
+from asuka.weights import load_autoencoder, resolve_pretrained
 from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as paste_known_pixels
 
@@ -83,22 +85,24 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
     @classmethod
     def from_parts(cls, sd_inpaint: str | Path, mae: str | Path, aligner: str | Path, vae: str | Path | None = None,
                    scheduler: Any = None, torch_dtype: torch.dtype | None = None, **load_kwargs) -> "AsukaInpaintPipeline":
-        """Assemble from an SD-inpainting folder or hub id plus separate ``MAEPrior`` / ``PriorAligner`` exports.
+        """Assemble from an SD-inpainting folder or hub id (``"tiny"``: the tiny offline demo folder) plus separate
+        ``MAEPrior`` / ``PriorAligner`` exports.
 
         ``vae``: an optional decoder export (a ``HarmonizingDecoderKL`` / ``AsymmetricAutoencoderKL`` / ``AutoencoderKL``
         folder; its config's ``_class_name`` picks the class); default: the SD folder's ``vae``. ``scheduler``: a
         scheduler instance; default: the class and config stored in the SD folder. ``torch_dtype`` applies to the UNet
         and the VAE (e.g. ``torch.bfloat16`` on GPU); the MAE and the aligner are loaded in float32.
         """
+        sd_inpaint = expand_tiny(sd_inpaint)
         for name, value, marker in (("sd_inpaint", sd_inpaint, "unet/config.json"), ("mae", mae, "config.json"),
                                     ("aligner", aligner, "config.json"), ("vae", vae, "config.json")):
             if value is not None:
-                _check_local_folder(value, name, marker)
+                resolve_pretrained(value, field=name, marker=marker)
         unet = UNet2DConditionModel.from_pretrained(sd_inpaint, subfolder="unet", torch_dtype=torch_dtype, **load_kwargs)
         if vae is None:
             vae_model = AutoencoderKL.from_pretrained(sd_inpaint, subfolder="vae", torch_dtype=torch_dtype, **load_kwargs)
         else:
-            vae_model = _model_class(vae).from_pretrained(vae, torch_dtype=torch_dtype)
+            vae_model = load_autoencoder(vae, dtype=torch_dtype, field="vae")
         if scheduler is None:
             config = DDIMScheduler.load_config(sd_inpaint, subfolder="scheduler", **load_kwargs)
             scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
@@ -218,25 +222,6 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)
-
-
-def _check_local_folder(path: str | Path, name: str, marker: str) -> None:
-    """A path that looks local must hold ``marker``; anything else (``owner/name``) is a hub id left to diffusers."""
-    p = Path(path)
-    if (p.is_absolute() or str(path).startswith(".") or p.exists()) and not (p / marker).is_file():
-        raise FileNotFoundError(f"{name}={str(path)!r} has no {marker}; pass a save_pretrained folder "
-                                f"(e.g. written by `python -m trainers.export`) or a hub id.")
-
-
-def _model_class(folder: str | Path) -> type:
-    """The class a save_pretrained folder names in its config (diffusers, or asuka's HarmonizingDecoderKL)."""
-    name = AutoencoderKL.load_config(folder)["_class_name"]
-    if hasattr(diffusers, name):
-        return getattr(diffusers, name)
-    if hasattr(_decoder, name):
-        return getattr(_decoder, name)
-    raise ValueError(f"vae folder {str(folder)!r} holds a {name!r}, which is neither a diffusers class nor "
-                     f"asuka's HarmonizingDecoderKL; pass an autoencoder export.")
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -34,4 +34,5 @@ register_method("harmonpaint", build="asuka.pipelines.harmonpaint.runner:build_h
                 default_model=_default_model,
                 description="HarmonPaint: SAMS + attention steer loss + MAKVS on SD-inpainting (Li et al. 2025; "
                             "default: the tiny random offline model)",
-                options=OPTIONS, inputs=INPUTS, presets=PRESETS)
+                options=OPTIONS, inputs=INPUTS, presets=PRESETS,
+                quick={"num_inference_steps": 3})  # t = 667 (structure: SAMS + steer), 334, 1 (style: MAKVS)

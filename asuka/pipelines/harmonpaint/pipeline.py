@@ -17,7 +17,7 @@ cannot change the loss), which saves the rest of that forward pass and its backw
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+import functools
 from typing import Any, Callable
 
 import torch
@@ -27,7 +27,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 
 from asuka.attention import AttentionController, TokenMasks
 from asuka.errors import InputError
-from asuka.pipelines._sampling import Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient, unet_input
+from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient,
+                                       unet_input)
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER, maps_by_grid, steer_store
 from asuka.pipelines.harmonpaint.diagnostics import DiagnosticsRecorder
@@ -56,6 +57,18 @@ def forward_until(module: torch.nn.Module, last: torch.nn.Module, *args: Any, **
         handle.remove()
 
 
+def _no_grad_outside_inference_mode(method: Callable) -> Callable:
+    """``torch.no_grad`` with ``torch.inference_mode`` switched off: the steer loss differentiates through the U-Net
+    with respect to the latent, which tensors made in inference mode cannot join."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any):
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def frozen(module: torch.nn.Module):
     """Parameters without ``requires_grad`` inside (a latent gradient then builds no parameter graph); restored."""
@@ -78,7 +91,9 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
     of the input into the output; off, as in the paper).
     """
 
-    @torch.no_grad()
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "mask", "masked_image_latents"]
+
+    @_no_grad_outside_inference_mode
     def __call__(self, prompt: str | list[str] | None = None, image: Any = None, mask_image: Any = None,
                  height: int | None = None, width: int | None = None, strength: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,

@@ -36,8 +36,9 @@ OPTIONS = (
            choices=("official", "paper")),
     Option("painta_smoothing", "bool", True, "3x3 Gaussian smoothing of PAIntA's coefficients (official, not in the "
            "paper)", "official attentionpatch/painta.py"),
-    Option("rasg_low_memory", "bool", False, "run the unconditional half without an autograd graph (less memory, "
-           "one more UNet pass per step)", "asuka (not in the official code)"),
+    Option("rasg_low_memory", "bool", True, "RASG's graph only for the conditional half: the unconditional half runs "
+           "as a separate pass without one (less memory and backward work; off = the official CFG-batch graph)",
+           "asuka (the official code keeps the whole CFG batch's graph)"),
     Option("working_long_side", "int", 512, "long side of the working resolution (a multiple of 64)", _HD, min=64),
     Option("mask_dilation", "int", 1, "pixels of 4-neighbourhood mask dilation at the working resolution", _HD,
            min=0),
@@ -78,7 +79,8 @@ def _default_model():
 
 register_method("hd-painter", build="asuka.pipelines.hd_painter.runner:build_hd_painter", default_model=_default_model,
                 description="HD-Painter: PAIntA + RASG on any SD inpainting model (default: the tiny offline "
-                            "pipeline)", options=OPTIONS, inputs=INPUTS, presets=PRESETS)
+                            "pipeline)", options=OPTIONS, inputs=INPUTS, presets=PRESETS,
+                quick={"num_inference_steps": 2, "working_long_side": 128})
 
 __all__ = ["NEGATIVE_PROMPT", "OPTIONS", "POSITIVE_PROMPT", "PRESETS", "INPUTS", "HDPainterPipeline",
            "InpaintSRPipeline"]

@@ -21,7 +21,7 @@ class HDPainterRunner(PipelineRunner):
                  prompt: list[str] | None = None, negative_prompt: list[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, painta: bool = True, rasg: bool = True,
                  eta: float = 0.1, sigma_mode: str = "official", painta_smoothing: bool = True,
-                 rasg_low_memory: bool = False, working_long_side: int = 512, mask_dilation: int = 1,
+                 rasg_low_memory: bool = True, working_long_side: int = 512, mask_dilation: int = 1,
                  positive_prompt: str = POSITIVE_PROMPT, official_negative_prompt: bool = True) -> torch.Tensor:
         batch = image.shape[0]
         if negative_prompt is None:

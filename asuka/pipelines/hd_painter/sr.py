@@ -144,8 +144,7 @@ class InpaintSRPipeline(DiffusionPipeline):
         """The official sampler: the folder's DDIM schedule with trailing timesteps and ``set_alpha_to_one`` (the
         last step returns its x0), v-prediction, no clipping."""
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False, thresholding=False, prediction_type="v_prediction",
-                                         steps_offset=0)
+                                         clip_sample=False, thresholding=False, prediction_type="v_prediction")
 
     @torch.no_grad()
     def __call__(
@@ -315,15 +314,29 @@ def load_sr(folder: str | Path, *, device: torch.device | str = "cpu", dtype: to
     return pipe.to(device)
 
 
-def super_resolve(pipe: InpaintSRPipeline, result: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
-                  prompts: list[str] | None = None, *, seed: int = 0, progress_bar: bool = False,
-                  **options: Any) -> torch.Tensor:
+def super_resolve(pipe: InpaintSRPipeline | Callable[[], InpaintSRPipeline], result: torch.Tensor,
+                  image: torch.Tensor, mask: torch.Tensor, prompts: list[str] | None = None, *, seed: int = 0,
+                  progress_bar: bool = False, **options: Any) -> torch.Tensor:
     """HD-Painter's SR stage after any inpainting method: ``result`` (B,3,h,w) in [-1,1] (the method's output),
-    ``image`` / ``mask`` the originals -> (B,3,H',W') in [-1,1], long side ``output_long_side`` (2048). Each item's
-    generator is seeded with ``seed`` (one seed rule with the inpainting step). ``options`` go to the pipeline."""
+    ``image`` / ``mask`` the originals -> (B,3,H',W') in [-1,1], long side ``output_long_side`` (2048).
+
+    ``pipe`` may be a callable that loads the pipeline: it is called only when some item has a hole (items without
+    one are the original, bicubic-resized, which is what the Poisson blend returns for them). Each item's generator
+    is seeded with ``seed`` (the inpainting step's seed rule). ``options`` go to :class:`InpaintSRPipeline`.
+    """
     batch = image.shape[0]
-    pipe.set_progress_bar_config(disable=not progress_bar)
-    generators = [torch.Generator().manual_seed(seed) for _ in range(batch)]
-    out = pipe(image, mask, result, prompt=list(prompts) if prompts else [""] * batch, generator=generators,
-               output_type="pt", **options).images
-    return out.to(image.device, torch.float32) * 2 - 1
+    long_side = options.get("output_long_side", SR_OUTPUT_LONG_SIDE)
+    hr_size, _ = sr_sizes(*image.shape[-2:], long_side)
+    out = resize_image(image.float(), hr_size)
+    holes = (mask.flatten(1) >= 0.5).any(dim=1).tolist()
+    todo = [i for i in range(batch) if holes[i]]
+    if not todo:
+        return out
+    sr = pipe() if callable(pipe) and not isinstance(pipe, InpaintSRPipeline) else pipe
+    sr.set_progress_bar_config(disable=not progress_bar)
+    texts = list(prompts) if prompts else [""] * batch
+    generators = [torch.Generator().manual_seed(seed) for _ in todo]
+    upscaled = sr(image[todo], mask[todo], result[todo], prompt=[texts[i] for i in todo], generator=generators,
+                  output_type="pt", **options).images
+    out[todo] = upscaled.to(out.device, torch.float32) * 2 - 1
+    return out

@@ -10,7 +10,7 @@ Modules: :mod:`~asuka.pipelines.pilot.objective` (per-sample losses and masks, p
 
 from __future__ import annotations
 
-from asuka.options import Input, Option, Preset
+from asuka.options import Input, Option, Preset, Weights
 from asuka.pipelines._registry import register_method
 
 _PAPER = "paper §5.1"
@@ -49,10 +49,23 @@ INPUTS = (
     Input("prompt", "text", "text prompt for the hole (the paper's COCO runs use the object class name)",
           default=""),
     Input("negative_prompt", "text", "negative prompt (needs guidance_scale > 1)"),
-    Input("control", "image", "ControlNet / T2I-Adapter condition map at the image's size (needs controlnet= or "
-          "t2i_adapter= at load time)", aligned=True),
-    Input("ip_adapter_image", "image", "IP-Adapter reference image (needs ip_adapter= at load time)"),
+    Input("control_image", "image", "ControlNet / T2I-Adapter condition map at the image's size (needs the "
+          "controlnet or t2i_adapter weights)", aligned=True),
+    Input("ip_adapter_image", "image", "IP-Adapter reference image (needs the ip_adapter weights)"),
 )
+
+WEIGHTS = (
+    Weights("controlnet", "ControlNetModel folder or hub id (e.g. lllyasviel/sd-controlnet-scribble); gradients "
+            "flow through it", source="official run_example.py controlnet_id"),
+    Weights("t2i_adapter", "T2IAdapter folder or hub id", source="official pipeline/pipeline_pilot.py (adapter)"),
+    Weights("ip_adapter", "IP-Adapter weight file in a folder that also holds image_encoder/ (h94/IP-Adapter "
+            "layout, e.g. models/ip-adapter_sd15.safetensors)", source="official run_example.py ipa_id"),
+    Weights("lora", "LoRA weight file (or its folder), loaded with diffusers' load_lora_weights; weight: lora_scale",
+            source="official run_example.py lora_id"),
+)
+
+QUICK = {"num_inference_steps": 2, "op_interval": 1, "num_gradient_ops": 1}
+"""Every stage once (an optimised step with one gradient step, a guided step), for smoke tests and benchmarks."""
 
 _STEP100 = {"num_inference_steps": 100, "op_interval": 10, "num_gradient_ops": 10, "coef": 150.0,
             "coef_schedule": "linear", "lr_schedule": "exp", "momentum": 0.7, "guidance_scale": 7.5}
@@ -82,4 +95,4 @@ def _default_model():
 register_method("pilot", build="asuka.pipelines.pilot.runner:build_pilot", default_model=_default_model,
                 description="PILOT: latent optimisation + semantic boundary control on a text-to-image SD model "
                             "(default: a tiny random offline model)",
-                options=OPTIONS, inputs=INPUTS, presets=PRESETS)
+                options=OPTIONS, inputs=INPUTS, presets=PRESETS, weights=WEIGHTS, quick=QUICK)

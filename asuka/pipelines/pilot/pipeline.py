@@ -267,6 +267,10 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         lam_base = area_coefficient(coef, latent_hole, coef_area_norm)
         optimising = any(p.optimise for p in plan)
 
+        if optimising and torch.is_inference_mode_enabled():
+            raise InputError("PILOT differentiates through the UNet, which torch.inference_mode() forbids; call it "
+                             "under torch.no_grad() (or nothing) instead, or set num_gradient_ops=0",
+                             "num_gradient_ops")
         controller = AttentionController(self.unet)
         recorder = None
         if not full_hole and (sbc or optimising):

@@ -19,7 +19,7 @@ LORA_ADAPTER = "pilot-lora"
 
 class PilotRunner(PipelineRunner):
     """``(image [-1,1], mask {0,1}) -> image [-1,1]`` through :class:`PilotInpaintPipeline` (paste-back is left to
-    the caller). ``control`` feeds the loaded ControlNet and/or T2I-Adapter; ``ip_adapter_image`` the loaded
+    the caller). ``control_image`` feeds the loaded ControlNet and/or T2I-Adapter; ``ip_adapter_image`` the loaded
     IP-Adapter. Items whose IP-Adapter images differ run one at a time (PILOT's losses are per sample, so that equals
     a batched run)."""
 
@@ -31,7 +31,7 @@ class PilotRunner(PipelineRunner):
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, *, generator=None, progress_bar: bool = True,
                  prompt: list[str] | None = None, negative_prompt: list[str] | None = None,
-                 control: torch.Tensor | None = None, ip_adapter_image: list[torch.Tensor] | None = None,
+                 control_image: torch.Tensor | None = None, ip_adapter_image: list[torch.Tensor] | None = None,
                  num_inference_steps: int = 200, guidance_scale: float = 7.5, op_interval: int = 10,
                  num_gradient_ops: int = 10, gamma: float = 1.0, lr: float = 0.025, lr_schedule: str = "exp",
                  lr_warmup: float = 0.007, momentum: float = 0.7, coef: float = 150.0, coef_schedule: str = "linear",
@@ -49,18 +49,18 @@ class PilotRunner(PipelineRunner):
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
         if ip_adapter_image is not None:
             if getattr(pipe.unet, "encoder_hid_proj", None) is None:
-                raise InputError("given but no IP-Adapter is loaded; load the method with ip_adapter=",
+                raise InputError("given but no IP-Adapter is loaded; load the method with the ip_adapter weights",
                                  "inputs.ip_adapter_image")
             pipe.set_ip_adapter_scale(ip_adapter_scale)
-        if control is not None and pipe.controlnet is None and pipe.adapter is None:
-            raise InputError("given but neither a ControlNet nor a T2I-Adapter is loaded; load the method with "
-                             "controlnet= or t2i_adapter=", "inputs.control")
+        if control_image is not None and pipe.controlnet is None and pipe.adapter is None:
+            raise InputError("given but neither a ControlNet nor a T2I-Adapter is loaded; load the method with the "
+                             "controlnet or t2i_adapter weights", "inputs.control_image")
         kwargs = dict(prompt=prompt or [""] * batch, negative_prompt=negative_prompt, **options)
-        if control is not None:  # (B,3,H,W) in [-1,1], as the pipeline takes condition tensors
+        if control_image is not None:  # (B,3,H,W) in [-1,1], as the pipeline takes condition tensors
             if pipe.controlnet is not None:
-                kwargs["control_image"] = control
+                kwargs["control_image"] = control_image
             if pipe.adapter is not None:
-                kwargs["adapter_image"] = control
+                kwargs["adapter_image"] = control_image
         generators = generator if isinstance(generator, list) else [generator] * batch
         if ip_adapter_image is None or all(torch.equal(ip_adapter_image[0], x) for x in ip_adapter_image[1:]):
             ip = None if ip_adapter_image is None else _pil(ip_adapter_image[0])
@@ -121,14 +121,14 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
         components["vae"] = vae.to(dtype)
     if controlnet is not None:
         components["controlnet"] = ControlNetModel.from_pretrained(
-            resolve_pretrained(controlnet, field="controlnet", what="ControlNet"), torch_dtype=dtype)
+            resolve_pretrained(controlnet, field="weights.controlnet", what="ControlNet"), torch_dtype=dtype)
     if t2i_adapter is not None:
         components["adapter"] = T2IAdapter.from_pretrained(
-            resolve_pretrained(t2i_adapter, field="t2i_adapter", what="T2I-Adapter"), torch_dtype=dtype)
+            resolve_pretrained(t2i_adapter, field="weights.t2i_adapter", what="T2I-Adapter"), torch_dtype=dtype)
     pipe = load_pipeline(PilotInpaintPipeline, model, dtype, **components)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     if ip_adapter is not None:
-        weights = _weight_file(ip_adapter, "ip_adapter")
+        weights = _weight_file(ip_adapter, "weights.ip_adapter")
         pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)
     if lora is not None:
         path = Path(lora).expanduser()
@@ -137,5 +137,6 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
         elif path.is_dir():
             pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
         else:
-            raise InputError(f"not found: {lora} (pass a LoRA .safetensors file or the folder holding it)", "lora")
-    return PilotRunner(pipe.to(device, dtype), lora=lora is not None)
+            raise InputError(f"not found: {lora} (pass a LoRA .safetensors file or the folder holding it)",
+                             "weights.lora")
+    return PilotRunner(pipe.to(device), lora=lora is not None)
