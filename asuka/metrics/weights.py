@@ -8,8 +8,12 @@ pass and where such a file comes from.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from asuka.errors import InputError
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -42,3 +46,16 @@ def resolve_weights(path: str | Path | None, source: WeightSource, *, allow_down
     if not path.is_file():
         raise MissingWeightsError(f"{source.option}: no such file {str(path)!r} ({source.what}; source: {source.url}).")
     return path
+
+
+@contextmanager
+def reading_weights(field: str) -> Iterator[None]:
+    """Turn what reading a weight file raises (truncated, not a state dict, a pickle naming code, tensors of the
+    wrong shape) into an :class:`~asuka.errors.InputError` for ``field`` (e.g. ``lpips_weights``)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, KeyError, RuntimeError, EOFError) as error:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        raise InputError(" ".join(text.split()), field) from error
