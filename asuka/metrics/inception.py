@@ -32,10 +32,10 @@ FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2
                 "weights-inception-2015-12-05-6726825d.pth")
 TORCHVISION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
 VARIANTS = {
-    "fidelity": WeightSource("FID/KID/IDS Inception-v3 (torch-fidelity, TF 2015-12-05)", "--inception-weights",
+    "fidelity": WeightSource("FID/KID/IDS Inception-v3 (torch-fidelity, TF 2015-12-05)", "inception_weights",
                              FIDELITY_URL),
     "torchvision": WeightSource("FID/KID/IDS Inception-v3 (torchvision IMAGENET1K_V1, ASUKA cal_ids.py)",
-                                "--inception-weights", TORCHVISION_URL),
+                                "inception_weights", TORCHVISION_URL),
 }
 FEATURE_DIM = 2048
 

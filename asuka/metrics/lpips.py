@@ -29,7 +29,7 @@ BACKBONES = {
 
 
 def _source(net: str) -> WeightSource:
-    return WeightSource(f"LPIPS-{net} (torchvision {BACKBONES[net][0]} ImageNet backbone)", "--lpips-weights",
+    return WeightSource(f"LPIPS-{net} (torchvision {BACKBONES[net][0]} ImageNet backbone)", "lpips_weights",
                         BACKBONES[net][2])
 
 
@@ -96,7 +96,7 @@ class LPIPS(nn.Module):
         with reading_weights("linear_weights"):
             _load_heads(self.model, read_checkpoint(heads), str(heads))
         with reading_weights("lpips_weights"):
-            _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
+            _load_slices(self.model.net, _backbone_state(net, path), repr(str(path)))
         self.requires_grad_(False).eval()
 
     @property
