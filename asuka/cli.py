@@ -72,6 +72,9 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
     g.add_argument("--guidance-scale", type=float, help="shortcut for --set guidance_scale=X")
     g.add_argument("--baseline", help="shortcut for --set baseline=NAME (methods built on a choice of baseline)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser, VAE decoder, aligner and MAE once at load (faster repeated runs "
+                        "on a GPU; the first image at each size compiles)")
     g.add_argument("--seed", type=int, default=DEMO_SEED,
                    help="random seed: every image gets its own generator seeded with it (default: 0)")
     g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
@@ -159,7 +162,7 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             values["num_inference_steps"] = DEMO_STEPS
         declared = {w.name for w in spec.weights}
         request = dict(method=method, model=models[method], decoder=decoders[method], preset=presets[method],
-                       options=values, option_strings=strings,
+                       options=values, option_strings=strings, compile=args.compile,
                        weights={k: v for k, v in weights.items() if len(methods) == 1 or k in declared})
         try:
             spec.resolve(request["preset"], values, strings)
