@@ -1,4 +1,4 @@
-"""Inpainting mask generators and named recipes (paper §3.1, §4; specs/asuka.md §1.1.5).
+"""Inpainting mask generators and named recipes (ASUKA paper §3.1, §4; LaMa ``saicinpainting/training/data/masks.py``).
 
 Every generator is a callable ``gen(height, width, rng: np.random.Generator) -> np.ndarray`` of
 float32 (H, W) with **1 = hole**. Generators are small picklable dataclasses, so they travel to

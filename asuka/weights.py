@@ -5,7 +5,8 @@
   (``model_index.json`` for pipelines, ``config.json`` for models); anything else must be a hub id ``org/name``
   (downloaded only because the user named it). Every failure is an :class:`~asuka.errors.InputError` naming
   ``field`` (an :class:`~asuka.errors.InputFileNotFoundError`, also a ``FileNotFoundError``).
-- :func:`class_from_config` reads a model folder's ``config.json`` ``_class_name`` and returns the class: asuka's own
+- :func:`config_class_name` reads the ``_class_name`` a folder or hub id records (``config.json`` /
+  ``model_index.json``); :func:`class_from_config` returns the class it names: asuka's own
   (``HarmonizingDecoderKL``, ``MAEPrior``, ``PriorAligner``) or diffusers'.
 - :func:`load_autoencoder` loads a VAE export (``AutoencoderKL``, ``AsymmetricAutoencoderKL``, asuka's
   ``HarmonizingDecoderKL``) through both: what ``decoder=`` / ``--decoder`` use.
@@ -52,6 +53,24 @@ def resolve_pretrained(ref: str | Path, *, field: str, marker: str = "config.jso
                                  field)
 
 
+def config_class_name(ref: str | Path, *, field: str, config: str = "config.json") -> str | None:
+    """The ``_class_name`` a ``save_pretrained`` folder (or hub id) records in ``config`` (``config.json`` for models,
+    ``model_index.json`` for pipelines); ``None`` when a local folder has no such file."""
+    import json
+
+    path = Path(ref).expanduser()
+    if _looks_local(ref):
+        file = path / config
+        return json.loads(file.read_text()).get("_class_name") if file.is_file() else None
+    import diffusers
+
+    loader = diffusers.DiffusionPipeline if config == "model_index.json" else diffusers.AutoencoderKL
+    try:
+        return loader.load_config(resolve_pretrained(ref, field=field, marker=config)).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the {config} of {ref}: {' '.join(str(err).split())}", field) from err
+
+
 def class_from_config(ref: str | Path, *, field: str, allowed: tuple[type, ...] = ()) -> type:
     """The class named by a model folder's (or hub id's) ``config.json`` ``_class_name``: one of asuka's
     (:data:`ASUKA_MODEL_MODULES`) or diffusers'; with ``allowed``, it must subclass one of them."""
@@ -59,12 +78,8 @@ def class_from_config(ref: str | Path, *, field: str, allowed: tuple[type, ...] 
 
     import diffusers
 
-    resolved = resolve_pretrained(ref, field=field)
-    try:
-        config = diffusers.AutoencoderKL.load_config(resolved)  # any model's config.json, whatever its class
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read the config of {ref}: {' '.join(str(err).split())}", field) from err
-    name = config.get("_class_name")
+    resolve_pretrained(ref, field=field)
+    name = config_class_name(ref, field=field)
     cls = None
     for module in ASUKA_MODEL_MODULES:
         cls = cls or getattr(importlib.import_module(module), str(name), None)
@@ -85,9 +100,23 @@ def load_autoencoder(ref: str | Path, *, dtype: "torch.dtype | None" = None, fie
     from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 
     cls = class_from_config(ref, field=field, allowed=(AutoencoderKL, AsymmetricAutoencoderKL))
-    with warnings.catch_warnings():  # newer diffusers rename torch_dtype with a FutureWarning; the old name works
-        warnings.simplefilter("ignore", FutureWarning)
-        return cls.from_pretrained(resolve_pretrained(ref, field=field), torch_dtype=dtype)
+    try:
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype with a FutureWarning; the old name works
+            warnings.simplefilter("ignore", FutureWarning)
+            return cls.from_pretrained(resolve_pretrained(ref, field=field), torch_dtype=dtype)
+    except loading_errors() as err:
+        raise InputError(f"cannot load {ref} as {cls.__name__}: {' '.join(str(err).split())}", field) from err
 
 
-__all__ = ["HUB_ID", "resolve_pretrained", "class_from_config", "load_autoencoder"]
+def loading_errors() -> tuple[type[BaseException], ...]:
+    """What diffusers / transformers raise for weight files that cannot be used: missing, truncated or corrupt
+    safetensors, pickles refused by ``weights_only=True``, tensors of the wrong shape."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+
+
+__all__ = ["HUB_ID", "resolve_pretrained", "config_class_name", "class_from_config", "load_autoencoder",
+           "loading_errors"]

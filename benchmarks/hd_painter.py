@@ -10,7 +10,7 @@ evenly; peak memory = the largest resident-set (CPU) or allocated (CUDA) increas
 * ``hd-painter``: PAIntA + RASG (defaults; ``rasg_low_memory`` on: the unconditional half without a graph);
 * ``hd-painter (CFG batch graph)``: the same with ``rasg_low_memory=False`` (the official code's batching; only with
   ``--batch-graph``: it needs about twice the activation memory);
-* ``painta only``, ``rasg only``;
+* ``painta only``, ``rasg only`` (with ``--ablations``);
 * ``x4 upscaler`` vs ``inpaint SR``: diffusers' ``StableDiffusionUpscalePipeline`` vs ``InpaintSRPipeline`` (blend +
   Poisson) at the x4 upscaler's real widths, output ``--sr-size`` (2048 in practice; 512 keeps CPU runs short).
 
@@ -62,9 +62,11 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return seconds, peak[0] / 2 ** 30
 
 
-def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, tuple]:
-    for fn in variants.values():
-        fn()                                                     # warm-up
+def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                 warmup: bool = True) -> dict[str, tuple]:
+    if warmup:
+        for fn in variants.values():
+            fn()
     results: dict[str, list] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
@@ -73,7 +75,7 @@ def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device
 
 
 def hd_painter_rows(size: int = 512, steps: int = 3, device: str = "cpu", repeats: int = 1,
-                    batch_graph: bool = False) -> list[dict]:
+                    batch_graph: bool = False, ablations: bool = False, warmup: bool = True) -> list[dict]:
     from diffusers import StableDiffusionInpaintPipeline
 
     from asuka.models.tiny import ddim_scheduler, sd15_text_encoder, sd15_unet, sd15_vae, tiny_tokenizer
@@ -100,12 +102,13 @@ def hd_painter_rows(size: int = 512, steps: int = 3, device: str = "cpu", repeat
         "sd-inpaint (base)": lambda: base(image=(image + 1) / 2, mask_image=mask, height=size, width=size,
                                           generator=torch.Generator().manual_seed(0), **common),
         "hd-painter": run_hd(),
-        "painta only": run_hd(rasg=False),
-        "rasg only": run_hd(painta=False),
     }
+    if ablations:
+        variants["painta only"] = run_hd(rasg=False)
+        variants["rasg only"] = run_hd(painta=False)
     if batch_graph:
         variants["hd-painter (CFG batch graph)"] = run_hd(rasg_low_memory=False)
-    results = _round_robin(variants, dev, repeats)
+    results = _round_robin(variants, dev, repeats, warmup)
     base_time, base_mem = results["sd-inpaint (base)"]
     return [dict(row=name, size=size, steps=steps, seconds=t, seconds_per_step=t / steps, ratio=t / base_time,
                  peak_gib=m, memory_ratio=m / base_mem if base_mem > 0 else float("nan"))
@@ -166,10 +169,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-sr", action="store_true")
     parser.add_argument("--batch-graph", action="store_true", help="also time rasg_low_memory=False")
+    parser.add_argument("--ablations", action="store_true", help="also time PAIntA only and RASG only")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the warm-up calls (slow machines; the first call then includes one-off costs)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
-    _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats, args.batch_graph))
+    _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats, args.batch_graph, args.ablations,
+                           args.warmup))
     if not args.skip_sr:
         _print(sr_rows(args.sr_size, args.sr_steps, args.device, args.repeats))
 

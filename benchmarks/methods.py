@@ -130,7 +130,74 @@ def row_harmonpaint() -> Row:
     return Row("harmonpaint", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat on a lake"})
 
 
-ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter, row_harmonpaint]
+# CorrFill: one row per baseline, the full method (every step masked and optimised: Table S1's RealEstate10K windows
+# cover the few benchmark steps) against the same stitched baseline with CorrFill off. The reference is a 512² image,
+# so run these rows at --resolution 512 (512x1024 stitched). benchmarks/corrfill.py adds masking only.
+_CORRFILL_OFF = {"enable_masking": False, "enable_latent_opt": False}
+
+
+def _corrfill_reference() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (512, 512, 3), np.uint8)
+
+
+def _corrfill_row(baseline: str, model: Callable[[], Path], **options: Any) -> Row:
+    options = {"baseline": baseline, **options}
+    return Row("corrfill", "corrfill", model, base_model=model, options=options,
+               base_options={**options, **_CORRFILL_OFF}, inputs={"reference": _corrfill_reference()})
+
+
+def sd15_paint_by_example_dir() -> Path:
+    """A Paint-by-Example folder with an SD-1.5-sized UNet and VAE (768-d image embedding), random weights."""
+    from diffusers import PaintByExamplePipeline
+
+    from asuka.models.tiny import ddim_scheduler, sd15_unet, sd15_vae
+    from asuka.models.tiny_paint_by_example import tiny_example_encoder, tiny_example_feature_extractor
+
+    def write(folder: Path) -> None:
+        PaintByExamplePipeline(vae=sd15_vae(), image_encoder=tiny_example_encoder(proj_size=768), unet=sd15_unet(),
+                               scheduler=ddim_scheduler(), safety_checker=None,
+                               feature_extractor=tiny_example_feature_extractor()).save_pretrained(folder)
+
+    return cached_pipeline_dir("sd15-random-paint-by-example", write)
+
+
+def row_corrfill_side_by_side() -> Row:
+    """``corrfill`` Side-by-side (empty prompt, CFG 3) vs the stitched baseline."""
+    return _corrfill_row("side-by-side", sd15_inpaint_dir)
+
+
+def row_corrfill_leftrefill() -> Row:
+    """``corrfill`` LeftRefill with random learned prompt embeddings (77 x 768, CFG 2.5) vs the stitched baseline."""
+    folder = sd15_inpaint_dir().parent / "sd15-random-leftrefill-embeds"
+    folder.mkdir(exist_ok=True)
+    for name, seed in (("pos.pt", 0), ("neg.pt", 1)):
+        if not (folder / name).is_file():
+            torch.save(torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), folder / name)
+    return _corrfill_row("leftrefill", sd15_inpaint_dir, prompt_embeds=str(folder / "pos.pt"),
+                         negative_prompt_embeds=str(folder / "neg.pt"))
+
+
+def row_corrfill_ip_adapter_plus() -> Row:
+    """``corrfill`` IP-Adapter-Plus (random adapter for the SD-1.5-sized UNet, tiny image encoder) vs the stitched
+    baseline with the same adapter."""
+    folder = sd15_inpaint_dir().parent / "sd15-random-ip-adapter"
+    if not (folder / "models").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        from asuka.models.tiny_ip_adapter import save_tiny_ip_adapter
+
+        save_tiny_ip_adapter(folder, UNet2DConditionModel.from_pretrained(sd15_inpaint_dir(), subfolder="unet"))
+    return _corrfill_row("ip-adapter-plus", sd15_inpaint_dir, ip_adapter=str(folder))
+
+
+def row_corrfill_paint_by_example() -> Row:
+    """``corrfill`` Paint-by-Example (DDIM, CFG 5) vs the stitched baseline."""
+    return _corrfill_row("paint-by-example", sd15_paint_by_example_dir)
+
+
+ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter, row_harmonpaint,
+                                 row_corrfill_side_by_side, row_corrfill_leftrefill, row_corrfill_ip_adapter_plus,
+                                 row_corrfill_paint_by_example]
 """One entry per method: add yours here."""
 
 

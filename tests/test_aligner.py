@@ -107,7 +107,7 @@ def test_unused_modulation_is_optional_and_inert():
     assert not any("modulation" in k for k in plain.state_dict())
     mod_keys = [k for k in with_mod.state_dict() if "modulation" in k]
     assert sorted(mod_keys) == sorted(f"blocks.{i}.modulation.lin.{p}" for i in range(4) for p in ("weight", "bias"))
-    # The port's 768-wide module with its unused modulation: about 35.8 M parameters (specs/asuka.md §1.1.2).
+    # The port's 768-wide module with its unused modulation: about 35.8 M parameters (the released asuka_alignment_clip.pt).
     assert abs(sum(p.numel() for p in with_mod.parameters()) / 1e6 - 35.8) < 0.1
     missing, unexpected = with_mod.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and sorted(missing) == sorted(mod_keys)

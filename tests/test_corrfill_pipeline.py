@@ -150,3 +150,11 @@ def test_bad_pairs_are_clear_errors(pipe):
         pipe(ref[..., :32], img, mask, config=FULL, num_inference_steps=1)
     with pytest.raises(InputError, match="square"):
         pipe(ref[..., :32, :], img[..., :32, :], mask[..., :32, :], config=FULL, num_inference_steps=1)
+
+
+def test_runs_under_inference_mode(pipe):
+    """The gradient pass re-enables autograd on normal copies of the caller's inference tensors."""
+    ref, img, mask = inputs()
+    with torch.inference_mode():
+        got = run(pipe, FULL, ref, img, mask)
+    assert torch.equal(got, run(pipe, FULL, ref, img, mask))

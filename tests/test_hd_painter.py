@@ -1,4 +1,4 @@
-"""HDPainterPipeline on tiny real SD-inpainting components (the spec's tiny layout: latent 16 at 128 px, so the
+"""HDPainterPipeline on tiny real SD-inpainting components (a tiny SD layout: latent 16 at 128 px, so the
 UNet has latent/2 = 8x8 and latent/4 = 4x4 grids like SD's 32x32 and 16x16 at 512 px).
 
 Oracles: Q2 (all switches off = diffusers' StableDiffusionInpaintPipeline with the official DDIM, bit for bit),
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from asuka.errors import InputError
 from asuka.models.seeding import seeded
@@ -37,7 +37,7 @@ def one_thread():
 
 
 def tiny_unet(cross_attention_dim: int = 32, seed: int = 0, **kw) -> UNet2DConditionModel:
-    """The spec's tiny SD-inpainting UNet: 4 levels, cross-attention in the top three, one layer per down block."""
+    """A tiny SD-inpainting UNet: 4 levels, cross-attention in the top three, one layer per down block."""
     config = dict(sample_size=16, in_channels=9, out_channels=4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
                   norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

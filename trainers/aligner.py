@@ -1,4 +1,4 @@
-"""Alignment-module training (ASUKA paper §3.2 and §4; specs/asuka.md §1.1.2, §5 items 1–3, 9).
+"""Alignment-module training (ASUKA paper §3.2 and §4; the FLUX port's head, Yikai-Wang/asuka-misato ``asuka-flux/src/flux``).
 
 Per step, for a batch ``image`` (B,3,H,W) in [-1,1] (512² in the paper) and hole masks from the ``asuka_train``
 recipe (the MAE's masking, paper §3.2):
@@ -20,7 +20,7 @@ to ``C``; ``gradient_checkpointing`` recomputes the UNet's blocks in backward (d
 ``torch.is_grad_enabled()``, not on ``unet.training``, so the frozen parts stay in ``eval()`` mode throughout).
 
 Optimizer: AdamW with **lr 5e-2, the paper's stated value** (§4). It looks implausibly high for transformer blocks
-(spec §5.9: possibly a typo; no code confirms it) — it is exposed as ``lr``; ``warmup_steps`` adds a linear warm-up
+(possibly a typo; no released code confirms it) — it is exposed as ``lr``; ``warmup_steps`` adds a linear warm-up
 (0 = none, the paper names none). betas / weight decay are torch's AdamW defaults (0.9, 0.999) / 0.01: the paper
 does not state them.
 

@@ -1,4 +1,4 @@
-"""Batched, per-sample ColorJitter with torchvision's semantics (ASUKA paper §3.3, specs/asuka.md §1.1.3).
+"""Batched, per-sample ColorJitter with torchvision's semantics (ASUKA paper §3.3).
 
 ASUKA applies ``torchvision.transforms.ColorJitter(brightness=0.15, contrast=0.2, saturation=0.1, hue=0.03)`` to
 the image that is encoded, for every training image. torchvision's transform handles one image per call; here a

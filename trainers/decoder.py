@@ -1,4 +1,4 @@
-"""Harmonizing-decoder training (ASUKA paper §3.3; specs/asuka.md §1.1.3, §1.2, §5 items 7, 8, 10, 11).
+"""Harmonizing-decoder training (ASUKA paper §3.3; the recipe of Asymmetric VQGAN, buxiangzhiren/Asymmetric_VQGAN ``ldm/models/autoencoder.py``, which ASUKA follows).
 
 Per iteration, for a batch ``image`` (B,3,H,W) in [-1,1] with hole masks from the ``asuka_train`` recipe:
 
@@ -33,7 +33,6 @@ VAE decoder kept for the image grids. Trainable: decoder + condition encoder, di
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,9 @@ def vae_folder(path: str | Path) -> Path:
 
 def _config_class(folder: Path) -> str | None:
     """``_class_name`` of a diffusers ``save_pretrained`` folder's ``config.json`` (None without one)."""
-    config = folder / "config.json"
-    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    from asuka.weights import config_class_name
+
+    return config_class_name(folder, field="vae")
 
 
 class DecoderModule(StageModule):

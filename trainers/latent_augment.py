@@ -1,4 +1,4 @@
-"""Offline latent augmentation for decoder training (ASUKA paper §3.3, Eq. 1; specs/asuka.md §1.1.3, §5 item 11).
+"""Offline latent augmentation for decoder training (ASUKA paper §3.3, Eq. 1; no released code).
 
 ``python -m trainers.latent_augment --config configs/latent_augment.yaml`` runs the frozen SD-1.5-inpainting UNet
 once over every training image and writes, beside the input shards, new shards whose samples keep every original

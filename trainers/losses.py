@@ -1,6 +1,6 @@
 """Loss pieces of the decoder stage: LDM's ``LPIPSWithDiscriminator`` recipe, split into pure functions.
 
-Asymmetric VQGAN (specs/asuka.md §1.2), which ASUKA follows (issue #16, §1.1.3):
+Asymmetric VQGAN (buxiangzhiren/Asymmetric_VQGAN ``ldm/modules/losses``), which ASUKA follows (its authors' answer in Yikai-Wang/asuka-misato issue #16):
 
 * reconstruction ``rec = |x - x̂| + perceptual_weight · LPIPS(x, x̂)`` per pixel; ``nll = Σ rec / B`` (LDM sums over
   pixels and averages over the batch; its learned ``logvar`` sits in no optimizer and stays 0, so it is omitted);

@@ -1,4 +1,4 @@
-"""MAE prior fine-tuning on inpainting masks (ASUKA paper §3.1; MAE-FAR recipe, specs/asuka.md §1.1.1, §1.3).
+"""MAE prior fine-tuning on inpainting masks (ASUKA paper §3.1; the MAE-FAR recipe, ewrfcas/MAE-FAR ``MAE/``).
 
 Per step: the batch image (B,3,H,W) in [-1,1] is ImageNet-normalised at the model's ``img_size`` and the hole mask
 (1 = hole) binarised at that size (``asuka.models.mae.preprocess``); ``MAEPrior.forward_train`` applies MAE-FAR's

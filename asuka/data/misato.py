@@ -1,4 +1,4 @@
-"""MISATO evaluation set loader (paper §4; specs/asuka.md §2).
+"""MISATO evaluation set loader (paper §4; Yikai-Wang/asuka-misato README).
 
 Layout (HF ``datasets/yikaiwang/MISATO``, unzipped)::
 

@@ -3,7 +3,7 @@
 ``score = 100 · max(cos(e_a, e_b), 0)`` per image (the torchmetrics ``CLIPScore`` scale), where the
 embeddings are CLIP's projected image/text features. Image–image scoring compares the prediction with the
 ground truth; ``region="hole"`` (default) first multiplies both images by the hole mask so only the filled
-region counts, as ASUKA's ``eval/cal_clip_score.py`` does (specs/asuka.md §1.1.6; its later
+region counts, as ASUKA's ``eval/cal_clip_score.py`` does (Yikai-Wang/asuka-misato; its later
 mean-over-features step looks broken and is not reproduced). ASUKA's paper used an unreleased
 mask-region CLIP; ``openai/clip-vit-large-patch14`` is the usual public choice. A hub id downloads only
 because the user named it; with ``HF_HUB_OFFLINE=1`` only the local cache is used.

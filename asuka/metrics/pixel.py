@@ -1,6 +1,6 @@
 """PSNR and SSIM on the whole image or on a region (e.g. the known pixels, "background preservation").
 
-Conventions follow ASUKA's ``eval/cal_psnr_lpips_ssim.py`` (specs/asuka.md §1.1.6): images are compared
+Conventions follow ASUKA's ``asuka-flux/eval/cal_psnr_lpips_ssim.py`` (Yikai-Wang/asuka-misato): images are compared
 on the [0, 1] scale, PSNR is ``-10 log10(MSE + 1e-7)`` (so identical images give 70 dB instead of
 infinity) and SSIM is scikit-image's ``structural_similarity`` (7×7 uniform window, sample covariance,
 ``data_range=1``) on grayscale images (``torchvision`` ``rgb_to_grayscale`` weights 0.2989/0.587/0.114).

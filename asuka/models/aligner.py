@@ -4,7 +4,7 @@ Paper §3.2 ("Align MAE prior with SD"): a linear *dimension alignment* M_m=512 
 *distribution alignment* (4 blocks, §4 implementation details), keeping N_s = N_m = 256 tokens. The output replaces the
 text condition of the frozen SD-1.5-inpainting UNet (``encoder_hidden_states`` / ``prompt_embeds``).
 
-Two block types (specs/asuka.md §1.1.2 and §5.3; the SD code is unreleased):
+Two block types (paper §3.2; the FLUX port Yikai-Wang/asuka-misato ``asuka-flux/src/flux/modules/layers.py``; the SD code is unreleased):
 
 * ``"prenorm"`` (default, the paper's "self-attention blocks"): a standard pre-LN transformer block,
   ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` with head dim 64 and a GELU MLP of ratio 4.

@@ -4,7 +4,7 @@ Shared pieces (reused by every converter): :func:`~asuka.models.checkpoint.read_
 (``torch.load(weights_only=True)`` or safetensors), :func:`load_strict` (names every missing, unexpected and mis-shaped key) and
 :class:`StateDictMismatchError`.
 
-MAE prior (:class:`~asuka.models.mae.MAEPrior`, specs/asuka.md §1.1.1, §1.3, §1.4):
+MAE prior (:class:`~asuka.models.mae.MAEPrior`; MAE-FAR ``MAE/models_mae.py``, facebookresearch/mae ``models_mae.py``):
 
 * **MAE-FAR / ASUKA** (``ewrfcas/MAE-FAR`` ``MaskedAutoencoderViT[Finetune]``, ASUKA's ``mae_300.pth``):
   ``{'model': state_dict, ...}`` whose keys already are ``MAEPrior``'s (``patch_embed.proj.*``,
@@ -238,7 +238,7 @@ def mae_prior_from_official_mae(checkpoint: Union[PathLike, Mapping[str, torch.T
 
 # --------------------------------------------------------------------------------------------------
 # Harmonizing decoder: Asymmetric VQGAN and ASUKA checkpoints (LDM key layout) -> HarmonizingDecoderKL
-# Facts: specs/asuka.md §1.1.3, §1.2, §3. LDM names: ``{encoder,decoder}.conv_in``, ``down.{i}.block.{j}``,
+# Sources: Yikai-Wang/asuka-misato ``asuka_decoder.py``, buxiangzhiren/Asymmetric_VQGAN ``my_decoder.py``. LDM names: ``{encoder,decoder}.conv_in``, ``down.{i}.block.{j}``,
 # ``down.{i}.downsample.conv``, ``mid.block_{1,2}``, ``mid.attn_1.{norm,q,k,v,proj_out}`` (1x1 convs),
 # ``up.{i}.block.{j}`` (``up.0`` is the full-resolution level, diffusers' last up block),
 # ``up.{i}.upsample.conv``, ``norm_out``, ``conv_out``, ``nin_shortcut``; the condition branch is

@@ -1,4 +1,4 @@
-"""ASUKA's harmonizing decoder: a mask-conditioned VAE decoder (paper §3.3, specs/asuka.md §1.1.3, §1.2, §3).
+"""ASUKA's harmonizing decoder: a mask-conditioned VAE decoder (paper §3.3; Yikai-Wang/asuka-misato ``asuka-flux/ldm/modules/diffusionmodules/asuka_decoder.py``; buxiangzhiren/Asymmetric_VQGAN ``my_decoder.py``).
 
 ``HarmonizingDecoderKL`` subclasses diffusers' ``AsymmetricAutoencoderKL``, so diffusers'
 ``StableDiffusionInpaintPipeline`` recognises it (``isinstance(vae, AsymmetricAutoencoderKL)``) and
@@ -224,7 +224,7 @@ class HarmonizingDecoderKL(AsymmetricAutoencoderKL):
     def from_vae(cls, vae: AutoencoderKL | AsymmetricAutoencoderKL, *, condition_channels: int = 4,
                  mask_downsample: MaskDownsample = "area_any", decoder_width: str | None = None
                  ) -> "HarmonizingDecoderKL":
-        """Initialise from an SD ``AutoencoderKL`` or an ``AsymmetricAutoencoderKL`` (specs §3 [infer]).
+        """Initialise from an SD ``AutoencoderKL`` or an ``AsymmetricAutoencoderKL`` (our choice; the papers do not say).
 
         Encoder, ``quant_conv`` and ``post_quant_conv`` are always copied (and ``scaling_factor`` /
         ``shift_factor``) (a VAE built without quant

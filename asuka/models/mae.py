@@ -1,6 +1,6 @@
 """ASUKA's MAE prior: MAE-FAR's inpainting "finetune" MAE (ViT-B/16 at 256², no cls token).
 
-Facts (specs/asuka.md §1.1.1, §1.3; MAE-FAR ``MaskedAutoencoderViTFinetune``; ASUKA-FLUX ``forward_return_feature``):
+Facts (Yikai-Wang/asuka-misato ``asuka-flux/MAE/models_mae.py``; MAE-FAR ``MaskedAutoencoderViTFinetune``; ASUKA-FLUX ``forward_return_feature``):
 
 * Encoder: ViT-B/16 (768-d, 12 blocks, 12 heads, qkv bias, LayerNorm eps 1e-6) on a 16×16 patch grid of a
   256² image, with fixed 2-D sin-cos position embeddings and **no cls token** (256 tokens).

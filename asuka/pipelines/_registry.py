@@ -37,6 +37,7 @@ image -> a list of ``B`` ``(1,3,h,w)`` tensors in [-1,1] (``None`` when not give
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 import importlib.util
 import inspect
 import pkgutil
@@ -118,14 +119,48 @@ class InpaintMethod:
             from asuka.weights import load_autoencoder
 
             decoder = load_autoencoder(decoder, dtype=dtype, field="decoder")
+        from asuka.weights import loading_errors
+
         build = self.builder()
         try:
-            return build(model, device=torch.device(device), dtype=dtype, vae=decoder, **extra)
+            with _hub_quiet():
+                return build(model, device=torch.device(device), dtype=dtype, vae=decoder, **extra)
         except InputError:
             raise
-        except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
-            raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {' '.join(str(err).split())}",
+        except loading_errors() as err:  # truncated / pickled / mis-shaped weight files
+            raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {loading_error_text(err)}",
                              "model") from err
+
+
+_NOT_CACHED = ("not fully cached locally", "outgoing traffic has been disabled", "couldn't connect to",
+               "Cannot reach https://huggingface.co")
+
+
+def loading_error_text(err: BaseException) -> str:
+    """One line for a diffusers/transformers loading failure: a hub id that is neither cached nor reachable says so
+    (instead of the libraries' advice to read a stack trace that is not shown)."""
+    text = " ".join(str(err).split())
+    if any(marker.lower() in text.lower() for marker in _NOT_CACHED):
+        return ("it is not in the local Hugging Face cache and the Hub cannot be reached (offline); download it "
+                "once with network access (e.g. `huggingface-cli download ID`) or pass a local folder")
+    return text.replace(" Please check out the root cause in the stacktrace above.", "")
+
+
+@contextmanager
+def _hub_quiet():
+    """diffusers' and transformers' loggers at error level while a method loads: their "Couldn't connect to the Hub /
+    Will try to load from local cache" warnings are not actionable; a real failure is raised and reported once."""
+    import diffusers
+    import transformers
+
+    levels = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity())
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.utils.logging.set_verbosity(levels[1])
 
 
 def resolve_model(model: str | Path, *, name: str = "model") -> str:

@@ -1,9 +1,9 @@
-"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; specs/asuka.md §1.1.4).
+"""ASUKA inference on Stable Diffusion 1.5 inpainting (paper §3, Fig. 3; Yikai-Wang/asuka-misato ``asuka-flux/test_asuka_flux.py``).
 
 Order: MAE prior at 256² (``MAEPrior.prior``) -> ``PriorAligner`` -> condition (B, 256, 768) used as the SD-inpaint
-UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper; spec §5.2) -> decode, where an
+UNet's ``encoder_hidden_states`` with **no classifier-free guidance** (paper §3.2) -> decode, where an
 ``AsymmetricAutoencoderKL`` (e.g. ASUKA's ``HarmonizingDecoderKL``) receives the full input image and the binary mask
--> paste-back of the known pixels (on by default: the paper's evaluation composites, spec §5.12; the official inference
+-> paste-back of the known pixels (on by default: the paper's evaluation composites, ``asuka-flux/eval/*.py``; the official inference
 scripts do not).
 
 The latent mechanics (initial noise, mask and masked-image latents, scheduler steps, decoding) are diffusers'

@@ -28,6 +28,18 @@ from asuka.pipelines.corrfill.config import CorrFillConfig
 from asuka.pipelines.corrfill.control import GRAD, MAIN, OFF, CorrespondenceMask, CorrFillState, MatchReader
 
 
+def _autograd_ready(value: Any) -> Any:
+    """Inference-mode tensors (a caller under ``torch.inference_mode()``) cloned into normal ones, so the gradient
+    pass can record a graph; other values unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autograd_ready(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _autograd_ready(v) for k, v in value.items()}
+    return value
+
+
 def _cond_half(value: Any, cfg: bool) -> Any:
     """The conditional half of a CFG-doubled tensor (or of the tensors in a list/dict)."""
     if not cfg:
@@ -71,7 +83,8 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
     batch, _, side, width = latents.shape
     if width != 2 * side:
         raise ValueError(f"CorrFill needs a stitched latent of width 2 x height, got {side}x{width}")
-    state = CorrFillState(config, batch, side, latents.device, latents.dtype)
+    with torch.inference_mode(False):  # normal tensors: the gradient pass updates them outside inference mode
+        state = CorrFillState(config, batch, side, latents.device, latents.dtype)
     sigmas = step_sigmas(pipe.scheduler, timesteps, eta, latents.device)
     if config.optimize_steps:
         guidance.warn_if_no_update(pipe.scheduler, eta, config.optimize_steps)
@@ -83,20 +96,20 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
     timestep_values = timesteps.tolist()  # Python values for the controls' gates, read once
 
     def model_input(z, t, tensors, use_cfg):
-        extra = [tensors[name] if use_cfg else _cond_half(tensors[name], cfg) for name in channels]
-        return unet_input(pipe.scheduler, z, t, cfg=use_cfg, extra_channels=extra)
+        """The UNet input: CFG-doubled (``use_cfg``) or the conditional half (``tensors`` already halved)."""
+        return unet_input(pipe.scheduler, z, t, cfg=use_cfg, extra_channels=[tensors[name] for name in channels])
 
     def gradient_pass(step, latents, tensors) -> torch.Tensor:
         """``g / std(g)`` on the target half, from the cond-only pass with masking off."""
         t = step.timestep
         state.collected = []
         controller.state.cfg = False
-        hidden = _cond_half(tensors["prompt_embeds"], cfg)
-        kwargs = _cond_half(unet_kwargs, cfg)
-        with torch.enable_grad():
-            z = latents.detach().requires_grad_(True)
-            pipe.unet(model_input(z, t, tensors, False), t, encoder_hidden_states=hidden, return_dict=False,
-                      **kwargs)
+        with torch.inference_mode(False), torch.enable_grad():
+            hidden = _autograd_ready(_cond_half(tensors["prompt_embeds"], cfg))
+            kwargs = _autograd_ready(_cond_half(unet_kwargs, cfg))
+            extra = _autograd_ready({name: _cond_half(tensors[name], cfg) for name in channels})
+            z = _autograd_ready(latents.detach()).requires_grad_(True)
+            pipe.unet(model_input(z, t, extra, False), t, encoder_hidden_states=hidden, return_dict=False, **kwargs)
             loss = state.loss().sum() * config.loss_rescale
             (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
         state.collected = []

@@ -30,9 +30,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from asuka.errors import InputError
 from asuka.models import decoder as _decoder  # noqa: F401  (from_pretrained resolves a saved HarmonizingDecoderKL)
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, guide, latent_gradient,
+from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, guide, latent_gradient,
                                        previous_timestep, unet_input)
-from asuka.pipelines._sampling import denoise
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
 from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT

@@ -24,6 +24,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from asuka.pipelines._sampling import ddim_sigma, predicted_x0
+
 SigmaMode = Literal["official", "paper"]
 SIGMA_MODES = ("official", "paper")
 LOGIT_SHIFT = 1.0
@@ -41,8 +43,7 @@ def sigma(alphas: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, t_prev: in
     if t_prev < 0 or eta == 0:
         return 0.0
     a = (alphas if mode == "official" else alphas_cumprod).double()
-    a_t, a_prev = a[t], a[t_prev]
-    return float(eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+    return float(ddim_sigma(a[t], a[t_prev], eta))
 
 
 def standardise(g: torch.Tensor) -> torch.Tensor:
@@ -70,12 +71,6 @@ def bce_loss(mean_logits: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
     target = mask.to(mean_logits.dtype)[:, :, None].expand_as(mean_logits)
     bce = F.binary_cross_entropy_with_logits(mean_logits - shift, target, reduction="none")   # (B, N, L)
     return (bce.mean(dim=1) * weights.to(bce.dtype)).sum(dim=1)
-
-
-def predicted_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_prod_t: torch.Tensor) -> torch.Tensor:
-    """``x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, in the operation order of diffusers' ``DDIMScheduler``."""
-    beta_prod_t = 1 - alpha_prod_t
-    return (sample - beta_prod_t ** 0.5 * eps) / alpha_prod_t ** 0.5
 
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor,
