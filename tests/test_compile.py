@@ -98,3 +98,27 @@ def test_inactive_controls_cause_no_graph_break_and_active_ones_recompile_once_p
             with ctl:
                 _unet_call(unet, size)()
         assert counter.frame_count <= 2, counter.frame_count  # at most once per resolution
+
+
+def test_stage_module_compile_compiles_its_parts_in_place_at_setup():
+    from trainers.mae import MAEModule
+
+    TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                    decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
+
+    module = MAEModule(model=TINY_MAE, compile=True)
+    keys = list(module.state_dict())
+    module.setup("fit")
+    parts = module.compiled_parts()
+    assert parts and all(part._compiled_call_impl is not None for part in parts)
+    assert list(module.state_dict()) == keys  # checkpoints and exports keep their parameter names
+
+    counter = CompileCounter()
+    eager = MAEModule(model=TINY_MAE)
+    eager.load_state_dict(module.state_dict())
+    for part in parts:  # a capture-only backend: the traced step must equal the eager one
+        part.compile(backend=counter)
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    out = module.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
+    ref = eager.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
+    assert counter.frame_count >= 1 and torch.equal(out, ref)
