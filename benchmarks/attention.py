@@ -11,8 +11,8 @@ All ratios come from one run, timed round-robin (machine load spreads evenly ove
     layers (the output path stays on SDPA; the reads are computed on the side).
 * one self-attention layer at latent/1 (SD-1.5's ``down_blocks.0...attn1``: 4096 tokens at 512², 320 channels,
   8 heads): explicit attention (a dense score edit, so the N×N scores and probabilities are materialised) vs
-  the original SDPA processor — time, and peak memory of the call (CPU: peak RSS growth of a first call in a
-  fresh process; CUDA: ``max_memory_allocated`` after a warm-up).
+  the original SDPA processor — time, and peak memory of the call (CPU: peak resident-set growth during a first
+  call in a fresh process, sampled every 0.2 ms; CUDA: ``max_memory_allocated`` after a warm-up).
 
 Weights are random (``asuka.models.tiny.sd15_unet``): only shapes matter for time. Nothing is downloaded.
 """
@@ -23,6 +23,8 @@ import argparse
 import multiprocessing
 import resource
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -119,14 +121,36 @@ def _layer_peak(explicit: bool, tokens: int, batch: int, device_name: str, dtype
             torch.cuda.synchronize(device)
             queue.put(torch.cuda.max_memory_allocated(device) - base)
             return
-        base = _rss_bytes()  # no warm-up on CPU: freed blocks kept by malloc would hide the call's peak
-        attn(x)
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        # no warm-up on CPU: blocks kept by malloc after a first call would hide this call's peak
+        base = _rss_bytes()
+        with _PeakRSS() as peak:
+            attn(x)
+        queue.put(peak.bytes - base)
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class _PeakRSS:
+    """Highest resident set size seen by a thread sampling /proc/self/statm every 0.2 ms (torch ops release the GIL)."""
+
+    def __enter__(self):
+        self.bytes, self._stop = _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, _rss_bytes())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, _rss_bytes())
 
 
 def layer_ratios(resolution: int, batch: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:

@@ -71,7 +71,7 @@ def test_vote_equals_the_dense_sum_of_clamped_median_subtracted_resized_maps():
 # --- argmax, dominant filter, smoothing (oracles 7, 8, 9) --------------------------------------------------------
 
 def estimate(bank, **kw):
-    args = dict(enable_filter=True, dominant_thresh=4, bank_update="none", enable_smoothing=True, smooth_window=0.2)
+    args = dict(enable_filter=True, dominant_thresh=4, bank_update="off", enable_smoothing=True, smooth_window=0.2)
     return cr.estimate(bank, **{**args, **kw})
 
 

@@ -78,8 +78,8 @@ def test_cli_with_a_reference_file_and_with_folders_matched_by_stem(tiny_inpaint
     from asuka.cli import main
 
     out = tmp_path / "one.png"
-    assert main(["inpaint", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--set",
-                 "baseline=side-by-side", "--reference", str(files / "reference" / "a.png"), "--image",
+    assert main(["inpaint", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--baseline",
+                 "side-by-side", "--reference", str(files / "reference" / "a.png"), "--image",
                  str(files / "image" / "a.png"), "--mask", str(files / "mask" / "a.png"), "--steps", "2",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (SIZE, SIZE)
@@ -88,6 +88,23 @@ def test_cli_with_a_reference_file_and_with_folders_matched_by_stem(tiny_inpaint
                  str(files / "reference"), "--image", str(files / "image"), "--mask", str(files / "mask"),
                  "--steps", "1", "--set", "enable_latent_opt=false", "--out", str(folder)]) == 0
     assert sorted(p.stem for p in folder.iterdir()) == ["a", "b"]
+
+
+def test_evaluate_takes_the_reference_folder_beside_image_and_mask(tiny_inpaint_dir, files, tmp_path):
+    """``DATA/{image,mask,reference}``: the composited targets are scored with PSNR and grayscale SSIM (paper §5.2;
+    LPIPS-alex with --lpips-weights)."""
+    import json
+
+    from asuka.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--method", "corrfill", "--model", str(tiny_inpaint_dir), "--baseline", "side-by-side",
+                 "--data", str(files), "--out", str(out), "--steps", "1", "--set", "enable_latent_opt=false",
+                 "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 2
+    assert {"psnr", "ssim"} <= set(metrics["overall"])
+    assert "reference" in json.dumps(metrics["settings"])
 
 
 def test_missing_or_mis_sized_reference_is_a_clear_error(tiny_inpaint_dir, files, capsys):

@@ -386,9 +386,16 @@ class Shift:
 def two_methods(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     options = [Option("offset", "float", 0.5, "brightness added", "test", min=-2, max=2)]
+    loads = []
+
+    def build(model, **_):
+        loads.append(model)
+        return Shift()
+
     for name in ("bright-test", "dark-test"):
-        registry.register_method(name, build=lambda model, **_: Shift(), default_model="none", options=options,
+        registry.register_method(name, build=build, default_model="none", options=options,
                                  inputs=[Input("prompt", "text", "prompt", default="")])
+    return loads
 
 
 def test_evaluate_several_methods_one_report(two_methods, folder, tmp_path, capsys):
@@ -413,7 +420,9 @@ def test_evaluate_several_methods_one_report(two_methods, folder, tmp_path, caps
     assert settings["dark-test"]["inputs"] == {"prompt": str(folder / "prompts.json")}
     comparison = json.loads((out / "comparison.json").read_text())["methods"]
     assert comparison["bright-test"]["overall"]["psnr"] != comparison["dark-test"]["overall"]["psnr"]
-    assert _cli(capsys, *args)[0] == 0  # resumed per method: nothing recomputed
+    assert len(two_methods) == 2
+    code, stdout, _ = _cli(capsys, *args)  # resumed per method: nothing recomputed, nothing loaded
+    assert code == 0 and len(two_methods) == 2 and "dark-test: reused 2 predictions, computed 0" in stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/predictions/*.png")} == first
     code, _, err = _cli(capsys, "evaluate", "--method", "bright-test,dark-test", "--data", folder / "images",
                         "--masks", folder / "masks", "--out", tmp_path / "x", "--set", "offset=9")

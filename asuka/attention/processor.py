@@ -28,6 +28,7 @@ from asuka.attention.functional import (
 )
 from asuka.attention.layers import AttentionLayer
 
+READ_CHUNK_ELEMENTS = 1 << 24  # head-mean reads: scores per chunk of heads (64 MiB in float32)
 _HOOKS = ("keys_values", "score_bias", "row_bias", "score_factor", "prob_weight", "edit_probs")
 
 
@@ -290,20 +291,30 @@ def _read_maps(control: AttentionControl, call: AttentionCall, query, key, mask)
             m = m.index_select(2, rows)
     with torch.set_grad_enabled(spec.grad and torch.is_grad_enabled()):
         if spec.heads == "each":
-            scores = attention_scores(q, k, call.scale, bias=m)
-            return scores if spec.what == "scores" else scores.softmax(-1)
-        def head_map(qh, kh, mh):
-            scores = attention_scores(qh, kh, call.scale, bias=mh)
-            return scores if spec.what == "scores" else scores.softmax(-1)
-
+            return _maps(q, k, m, call.scale, spec.what)
+        # head mean in chunks of heads holding at most READ_CHUNK_ELEMENTS scores; with a graph each chunk runs
+        # under checkpoint, so backward recomputes it and only the head-mean map stays alive
+        heads = q.shape[1]
+        step = max(1, min(heads, READ_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[2] * k.shape[2])))
         keep_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         total = None
-        for h in range(q.shape[1]):
-            args = (q[:, h], k[:, h], None if m is None else m[:, h])
-            # with a graph, recompute each head's softmax in backward: only the head mean stays alive
-            maps = checkpoint(head_map, *args, use_reentrant=False) if keep_graph else head_map(*args)
-            total = maps if total is None else total + maps
-        return total / q.shape[1]
+        for h in range(0, heads, step):
+            chunk = slice(h, h + step)
+            args = (q[:, chunk], k[:, chunk], None if m is None else m[:, chunk] if m.shape[1] > 1 else m)
+            part = (checkpoint(_maps_sum, *args, call.scale, spec.what, use_reentrant=False) if keep_graph
+                    else _maps_sum(*args, call.scale, spec.what))
+            total = part if total is None else total + part
+        return total / heads
+
+
+def _maps(q, k, m, scale: float, what: str) -> torch.Tensor:
+    scores = attention_scores(q, k, scale, bias=m)
+    return scores if what == "scores" else scores.softmax(-1)
+
+
+def _maps_sum(q, k, m, scale: float, what: str) -> torch.Tensor:
+    """Scores or probabilities of a chunk of heads, summed over the heads: (B, Nq, Nk)."""
+    return _maps(q, k, m, scale, what).sum(1)
 
 
 def _add_ip_adapter(ip, attn, query, hidden_states, ip_hidden_states, ip_adapter_masks):

@@ -41,6 +41,7 @@ class MethodRun:
     options: Mapping[str, Any] = field(default_factory=dict)
     option_strings: Mapping[str, str] = field(default_factory=dict)
     weights: Mapping[str, str] = field(default_factory=dict)
+    compile: bool = False
 
 
 @dataclass
@@ -67,6 +68,8 @@ class EvalConfig:
     shard: Shard | None = None
     progress: bool = True
     metrics: MetricConfig = field(default_factory=MetricConfig)
+    fail_fast: bool = False
+    failures: dict[str, str] = field(default_factory=dict)  # filled by evaluate: key -> why it was left out
 
     def meta(self, settings: Mapping[str, Any] | None = None, inputs: Mapping[str, Any] | None = None) -> dict:
         """Settings recorded with every shard (must agree across shards) and in ``metrics.json``: the method's
@@ -100,7 +103,7 @@ def evaluate(config: EvalConfig) -> dict | None:
     """Run this process's share; returns the merged summary where this process merges, else ``None``.
 
     Every method's options and inputs are checked before any model loads or any image is predicted."""
-    from asuka.api import Inpainter, per_stem_inputs
+    from asuka.api import Inpainter, per_stem_inputs, quiet_loading
 
     from .predict import predict
     from .scoring import MetricSuite, score_items, write_shard
@@ -115,7 +118,8 @@ def evaluate(config: EvalConfig) -> dict | None:
     items = discover(config.data, resolution=config.resolution, masks=config.masks)[:config.limit]
     device = _device(config.device)
     painters = [Inpainter(run.method, run.model, device=device, decoder=run.decoder, preset=run.preset,
-                          options=run.options, option_strings=run.option_strings, weights=run.weights)
+                          options=run.options, option_strings=run.option_strings, weights=run.weights,
+                          compile=run.compile)
                 for run in config.methods]
     keys = [item.key for item in items]
     unused = set(config.inputs) - {r for p in painters for r in config.inputs if _takes(p, r)}
@@ -124,6 +128,8 @@ def evaluate(config: EvalConfig) -> dict | None:
     given = {**data_inputs(config.data, config.masks), **config.inputs}
     inputs = [per_stem_inputs(p.spec, keys, {r: v for r, v in given.items() if _takes(p, r)}) for p in painters]
     mine = shard.take(list(enumerate(items)))
+    if not config.progress:
+        quiet_loading()
     suite = MetricSuite(config.metrics, device)  # builds backbones first: a missing weight fails before inference
     out = Path(config.out)
     runs = [(method_folder(out, p.method, len(painters)), p, i) for p, i in zip(painters, inputs)] \
@@ -131,11 +137,14 @@ def evaluate(config: EvalConfig) -> dict | None:
     for folder, painter, per_key in runs:
         predictions = folder / "predictions" if painter is not None else Path(config.predictions)
         if painter is not None:
-            predict(mine, predictions, painter, inputs=per_key, batch_size=config.batch_size, seed=config.seed,
-                    progress=config.progress)
+            computed = predict(mine, predictions, painter, inputs=per_key, batch_size=config.batch_size,
+                               seed=config.seed, progress=config.progress,  # loads the model only if needed
+                               failures=None if config.fail_fast else config.failures)
+            print(f"asuka evaluate: {painter.method}: reused {len(mine) - computed} predictions, computed {computed}")
             painter.release()  # one method in memory at a time
-        records, real, fake = score_items([item for _, item in mine], predictions, suite,
-                                          batch_size=config.batch_size, progress=config.progress)
+        records, real, fake = score_items([item for _, item in mine if item.key not in config.failures], predictions,
+                                          suite, batch_size=config.batch_size, progress=config.progress,
+                                          failures=None if config.fail_fast else config.failures)
         role_values = {r: v for r, v in given.items() if painter is not None and _takes(painter, r)}
         write_shard(folder / "shards", shard.name, records, real, fake,
                     config.meta(painter.settings() if painter else None, role_values))

@@ -22,7 +22,7 @@ DECODER_VOTE_LAYERS = tuple(range(7, 16))  # config/{sidebyside,leftrefill,ipada
 PAINT_BY_EXAMPLE_VOTE_LAYERS = tuple(range(10, 15))  # config/paintbyexample_*.json "vote_blocks" [10, 14]
 
 PROFILES = ("reference_code", "paper_clean")
-BANK_UPDATES = ("code_compat", "zero_pair", "none")
+BANK_UPDATES = ("code_compat", "zero_pair", "off")  # "off", not "none": the CLI reads none as unset
 
 
 @dataclass(frozen=True)

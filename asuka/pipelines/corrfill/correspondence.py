@@ -68,8 +68,8 @@ def dominant_outliers(match: torch.Tensor, valid: torch.Tensor, threshold: int) 
 
 def zero_dominant_pairs(bank: torch.Tensor, match: torch.Tensor, outlier: torch.Tensor, mode: str) -> None:
     """Zero bank entries of dominant-token outliers (in place). ``zero_pair``: ``C[t, P(t)]``; ``code_compat``: the
-    official code's ``C[P(t), P(P(t))]``, reusing the matched reference index as a target index; ``none``: nothing."""
-    if mode == "none":
+    official code's ``C[P(t), P(P(t))]``, reusing the matched reference index as a target index; ``off``: nothing."""
+    if mode == "off":
         return
     tokens = bank.shape[-1]
     if mode == "zero_pair":
