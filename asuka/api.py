@@ -204,7 +204,10 @@ class Inpainter:
     or hub id (or a loaded module) replacing the method's VAE. ``weights``: the method's declared extra weights
     (``{name: folder, file or hub id}``). ``sr``: an x4-upscaler folder or hub id; when set, every result goes
     through HD-Painter's inpainting-specialised super-resolution (long side 2048; ``sr_options`` are passed to
-    :class:`asuka.pipelines.hd_painter.sr.InpaintSRPipeline`).
+    :class:`asuka.pipelines.hd_painter.sr.InpaintSRPipeline`). ``compile``: ``True`` (or a dict of
+    ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune"}``) compiles the loaded method's denoiser, VAE decoder,
+    aligner and MAE once, at load (:func:`asuka.compile.compile_runner`; results agree with eager to
+    :data:`asuka.compile.COMPILE_TOLERANCE`).
     """
 
     method: str
@@ -218,6 +221,7 @@ class Inpainter:
     weights: Mapping[str, Any] | None = None
     sr: str | Path | None = None
     sr_options: Mapping[str, Any] | None = None
+    compile: bool | Mapping[str, Any] = False
     resolved: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -242,8 +246,13 @@ class Inpainter:
     @cached_property
     def runner(self):
         """The loaded method (built at first access)."""
-        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
-                                    weights=self.weights)
+        runner = self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
+                                      weights=self.weights)
+        if self.compile:
+            from asuka.compile import compile_runner
+
+            compile_runner(runner, None if self.compile is True else self.compile)
+        return runner
 
     @cached_property
     def sr_pipeline(self):
@@ -292,14 +301,22 @@ class Inpainter:
 
     def __call__(self, image, mask, *, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
                  seed: int = 0, paste_back: bool = True, hd_strategy: HDStrategy | str = "crop",
-                 max_size: int | None = DEFAULT_MAX_SIZE, progress_bar: bool = False) -> "torch.Tensor":
+                 max_size: int | None = DEFAULT_MAX_SIZE, progress_bar: bool = False,
+                 compact: bool = False) -> "torch.Tensor":
         """Inpaint a batch: ``image``/``mask`` as :func:`asuka.pipelines._common.prepare_inputs` takes them;
-        ``inputs`` one ``{role: value}`` for all items or a list with one per item. Returns (B,3,H,W) in [-1,1]."""
+        ``inputs`` one ``{role: value}`` for all items or a list with one per item. Returns (B,3,H,W) in [-1,1];
+        with ``compact`` 8-bit inputs stay uint8, only the processed region is float, and the result is uint8
+        (:func:`asuka.pipelines._common.run_inpainting`)."""
         import torch
 
         from asuka.pipelines._common import prepare_inputs, run_inpainting
 
-        image, mask = prepare_inputs(image, mask)
+        check_seed(seed)
+        image, mask = prepare_inputs(image, mask, compact=compact)
+        if compact and self.sr is not None:  # super-resolution works on the float image
+            from asuka.pipelines._common import float_image
+
+            image, mask, compact = float_image(image), mask.float(), False
         count = image.shape[0]
         per_item = [dict(inputs or {})] * count if inputs is None or isinstance(inputs, Mapping) else list(inputs)
         if len(per_item) != count:
@@ -320,7 +337,7 @@ class Inpainter:
                           **self.resolved, **given)
 
         result = run_inpainting(model, image, mask, paste_back=paste_back, multiple=runner.multiple,
-                                hd_strategy=hd_strategy, max_size=max_size, per_item=extras)
+                                hd_strategy=hd_strategy, max_size=max_size, per_item=extras, compact=compact)
         return self._upscale(result, image, mask, per_item, seed, progress_bar)
 
     def _upscale(self, result, image, mask, per_item, seed: int, progress_bar: bool) -> "torch.Tensor":
@@ -338,6 +355,14 @@ def _float32():
     import torch
 
     return torch.float32
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an integer in ``[0, 2**64)`` (what ``torch.Generator.manual_seed`` takes), else an
+    :class:`InputError` (field ``seed``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InputError(f"must be an integer in [0, 2**64), got {seed!r}", "seed")
+    return seed
 
 
 def _to(value: Any, device) -> Any:
@@ -358,4 +383,4 @@ def inpaint(image, mask, *, method: str = "sd", model: str | Path | None = None,
                                                                                       seed=seed, **call)
 
 
-__all__ = ["SEED_RULE", "Inpainter", "inpaint", "pair_files", "per_stem_inputs", "read_text_table", "image_size"]
+__all__ = ["SEED_RULE", "Inpainter", "check_seed", "inpaint", "pair_files", "per_stem_inputs", "read_text_table", "image_size"]

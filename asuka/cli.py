@@ -56,6 +56,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` for margins and offsets."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type`` for seeds: integers in [0, 2**64), what ``torch.Generator.manual_seed`` takes."""
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for real numbers: ``nan`` and ``inf`` are refused."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that configure methods, shared by ``asuka inpaint`` and ``asuka evaluate``. With several methods
     (``evaluate --method a,b``) ``--model``/``--decoder``/``--preset`` take ``METHOD=VALUE`` for one of them and
@@ -71,9 +97,12 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="set_options", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="set a method option (repeatable; typed and range-checked; lists as a,b,c; none for unset)")
     g.add_argument("--steps", type=positive_int, help="shortcut for --set num_inference_steps=N")
-    g.add_argument("--guidance-scale", type=float, help="shortcut for --set guidance_scale=X")
+    g.add_argument("--guidance-scale", type=finite_float, help="shortcut for --set guidance_scale=X")
     g.add_argument("--baseline", help="shortcut for --set baseline=NAME (methods built on a choice of baseline)")
-    g.add_argument("--seed", type=int, default=DEMO_SEED,
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser, VAE decoder, aligner and MAE once at load (faster repeated runs "
+                        "on a GPU; the first image at each size compiles)")
+    g.add_argument("--seed", type=seed_int, default=DEMO_SEED,
                    help="random seed: every image gets its own generator seeded with it (default: 0)")
     g = p.add_argument_group("extra inputs (for methods that declare them; folders are matched by file stem)")
     for role in STANDARD_ROLE_FLAGS:
@@ -160,7 +189,7 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             values["num_inference_steps"] = DEMO_STEPS
         declared = {w.name for w in spec.weights}
         request = dict(method=method, model=models[method], decoder=decoders[method], preset=presets[method],
-                       options=values, option_strings=strings,
+                       options=values, option_strings=strings, compile=args.compile,
                        weights={k: v for k, v in weights.items() if len(methods) == 1 or k in declared})
         try:
             spec.resolve(request["preset"], values, strings)
@@ -188,7 +217,7 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
                                    f"astronaut photograph ({DEMO_SIZE} px) with a generated mask")
     p.add_argument("--mask", help="mask file (white = hole, threshold 128) or folder of masks matched to images by "
                                   "file stem; one mask file applies to every image of a folder")
-    p.add_argument("--out", help="output file (.png/.jpg/...) or folder (default: outputs/; outputs/demo for the "
+    p.add_argument("--out", help="output file (.png/.jpg/...) or folder (default: outputs/; outputs/demo/METHOD for the "
                                  "demo); folder outputs are <stem>.png")
     p.add_argument("--method", default="sd", help="inference method (default: sd); see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
@@ -208,10 +237,23 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
                         f"downscaled copy, original = the whole image (default: {hd.name}, as IOPaint)")
     p.add_argument("--hd-trigger-size", type=positive_int, default=hd.trigger_size,
                    help=f"crop strategy: longest side above which it crops (default: {hd.trigger_size})")
-    p.add_argument("--hd-margin", type=int, default=hd.margin,
+    p.add_argument("--hd-margin", type=non_negative_int, default=hd.margin,
                    help=f"crop strategy: margin around the hole in pixels (default: {hd.margin})")
     p.add_argument("--hd-resize-limit", type=positive_int, default=hd.resize_limit,
                    help=f"resize strategy: longest side to process at (default: {hd.resize_limit})")
+    add_reliability_arguments(p)
+
+
+def add_reliability_arguments(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` and ``--fail-fast``, shared by ``asuka inpaint`` and ``asuka evaluate``."""
+    from asuka.image_limits import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help="largest image (width x height) read, checked from the file header before decoding "
+                        f"(default: {DEFAULT_MAX_PIXELS}, sized for a 24 GB machine)")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first unreadable input (default: skip it, finish the others, report every "
+                        "failure at the end and exit with status 1)")
 
 
 _SAVE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -287,6 +329,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from asuka.api import Inpainter, image_size, per_stem_inputs, quiet_loading
+    from asuka.errors import InputError
     from asuka.pipelines._common import load_image, load_mask, mask_to_pil, prepare_inputs, to_pil
 
     demo = args.image is None
@@ -298,34 +341,96 @@ def _run_inpaint(args: argparse.Namespace) -> int:
             raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
     painter = Inpainter(**request, device=args.device, sr=args.sr)  # options checked here, nothing loaded yet
     pairs = _pairs(args)
-    out = Path(args.out or ("outputs/demo" if demo else "outputs"))
+    out = Path(args.out or (f"outputs/demo/{args.method}" if demo else "outputs"))  # one demo folder per method
     single = demo or not Path(args.image).is_dir()
     targets = [_out_path(out, stem, single) for stem, _, _ in pairs]
-    for (_, image_in, _), target in zip(pairs, targets):
-        if isinstance(image_in, Path) and target.resolve() == image_in.resolve():
-            raise CommandError(f"--out: writing {target} would overwrite the input image; choose another --out")
+    check_output_clashes(pairs, targets)
     aligned = any(i.aligned and i.role in given for i in painter.spec.inputs)
     sizes = {stem: image_size(image) if isinstance(image, Path) else image.shape[1::-1]
              for stem, image, _ in pairs} if aligned else None
     inputs = per_stem_inputs(painter.spec, [stem for stem, _, _ in pairs], given, sizes=sizes)
     hd = HDStrategy(args.hd_strategy, args.hd_trigger_size, args.hd_margin, args.hd_resize_limit)
 
+    failures: list[str] = []
     for (stem, image_in, mask_in), target in tqdm(list(zip(pairs, targets)), desc="inpaint", unit="image",
                                                    disable=len(pairs) == 1):
-        image, mask = prepare_inputs(load_image(image_in, name=f"--image {stem}"),
-                                     load_mask(mask_in, name=f"--mask {stem}"))
+        try:
+            image, mask = prepare_inputs(  # compact: 8-bit images stay uint8, only the processed crop is float
+                load_image(image_in, name=f"--image {_shown(image_in, stem)}", max_pixels=args.max_pixels,
+                           compact=True),
+                load_mask(mask_in, name=f"--mask {_shown(mask_in, stem)}", max_pixels=args.max_pixels, compact=True),
+                compact=True)
+        except InputError as err:  # an unreadable input: the others still run (unless --fail-fast or only one)
+            if args.fail_fast or len(pairs) == 1:
+                raise
+            failures.append(f"{stem}: {' '.join(str(err).split())}")
+            continue
         if bool(mask.any()) and "runner" not in painter.__dict__:
             quiet_loading()  # loaded at the first image with a hole: no hole needs no model
         result = painter(image, mask, inputs=inputs[stem], seed=args.seed, paste_back=args.paste_back,
-                         hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        to_pil(result)[0].save(target)
-        if demo:
-            to_pil(image)[0].save(target.with_name(f"{stem}_input.png"))
-            mask_to_pil(mask)[0].save(target.with_name(f"{stem}_mask.png"))
-    where = targets[0] if len(targets) == 1 else f"{len(targets)} images in {out}"
-    print(f"asuka inpaint: wrote {where}" + (" (with the demo input and mask beside it)" if demo else ""))
+                         hd_strategy=hd, max_size=args.max_size, progress_bar=len(pairs) == 1, compact=True)
+        try:
+            save_image(to_pil(result)[0], target)
+            if demo:
+                save_image(to_pil(image)[0], target.with_name(f"{stem}_input.png"))
+                save_image(mask_to_pil(mask)[0], target.with_name(f"{stem}_mask.png"))
+        except OSError as err:  # e.g. a full disk: nothing half-written is left behind
+            if args.fail_fast or len(pairs) == 1:
+                raise
+            failures.append(f"{stem}: cannot write {target}: {err}")
+    written = len(pairs) - len(failures)
+    where = targets[0] if len(targets) == 1 else \
+        f"{written}{f' of {len(targets)}' if failures else ''} images in {out}"
+    if written:
+        print(f"asuka inpaint: wrote {where}" + (" (with the demo input and mask beside it)" if demo else ""))
+    if failures:
+        for line in failures:
+            print(f"asuka inpaint: failed: {line}", file=sys.stderr)
+        print(f"asuka inpaint: error: {len(failures)} of {len(pairs)} images failed (listed above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_output_clashes(pairs: Sequence[tuple[str, object, object]], targets: Sequence[Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input image or mask, and two inputs that would be
+    written to the same file (``x.png`` and ``x.jpg`` in one folder both give ``x.png``)."""
+    inputs = {}
+    for _, image_in, mask_in in pairs:
+        for what, path in (("image", image_in), ("mask", mask_in)):
+            if isinstance(path, Path):
+                inputs.setdefault(path.resolve(), f"input {what} {path}")
+    written: dict[Path, object] = {}
+    for (_, image_in, _), target in zip(pairs, targets):
+        key = target.resolve()
+        if key in inputs:
+            raise CommandError(f"--out: writing {target} would overwrite the {inputs[key]}; choose another --out")
+        if key in written:
+            raise CommandError(f"--out: {written[key]} and {image_in} would both be written to {target} (outputs are "
+                               "named by file stem); rename one of them or run them separately")
+        written[key] = image_in
+
+
+def save_image(image, target: Path) -> None:
+    """Write a PIL image atomically (:func:`asuka.atomic.atomic_path`): never a half-written file."""
+    from asuka.atomic import atomic_path
+
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        image.save(tmp, format=_pil_format(target))
+
+
+def _pil_format(target: Path) -> str:
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(target.suffix.lower())
+    if fmt is None:
+        raise CommandError(f"--out: cannot tell the image format of {target.name}; use .png, .jpg, .webp, .tif")
+    return fmt
+
+
+def _shown(source, stem: str) -> str:
+    """How messages name an input: its file name (a mask file serving a folder is named as itself), else the stem."""
+    return source.name if isinstance(source, Path) else stem
 
 
 INPAINT = Subcommand("inpaint", "inpaint an image or a folder (no --image: demo on a bundled photograph)",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from asuka.cli import CommandError, Subcommand, add_method_arguments, method_requests, positive_int
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--resolution", type=int, default=512, choices=(512, 1024), help="MISATO resolution (512)")
     what.add_argument("--out", required=True, help="output folder (predictions, shard results, reports)")
     what.add_argument("--limit", type=positive_int, help="evaluate only the first N items (quick checks)")
+    what.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first unreadable image, mask or prediction (default: leave it out of the "
+                           "scores, list it at the end and exit with status 1)")
 
     add_method_arguments(p)
     run = p.add_argument_group("running")
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         config = EvalConfig(data=args.data, out=args.out, methods=[MethodRun(**r) for r in requests],
                             predictions=args.predictions, masks=args.masks, resolution=args.resolution,
                             inputs=given, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
-                            device=args.device, shard=shard, progress=args.progress, metrics=metrics)
+                            device=args.device, shard=shard, progress=args.progress, metrics=metrics,
+                            fail_fast=args.fail_fast)
         result = evaluate(config)
     if result is not None:
         if "methods" in result:
@@ -126,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(markdown_table(result))
         print("asuka evaluate: wrote " + ", ".join(result["files"].values()))
+    failures = {} if args.merge else config.failures
+    if failures:  # left out of the scores: never silent
+        for key, message in failures.items():
+            print(f"asuka evaluate: failed: {key}: {message}", file=sys.stderr)
+        print(f"asuka evaluate: error: {len(failures)} item(s) could not be read and are not in the scores (listed "
+              "above; --fail-fast stops at the first)", file=sys.stderr)
+        return 1
     return 0
 
 

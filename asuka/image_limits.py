@@ -35,9 +35,8 @@ def check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> 
     """Raise :class:`ImageTooLargeError` when ``width * height`` exceeds ``max_pixels`` (``None``: no limit)."""
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{what} is {width}×{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:.1f} megapixels; downscale it, or raise the limit (--max-pixels / max_pixels=) if "
-            "the machine has the memory")
+            f"{what} is {width}×{height} = {width * height:,} pixels, above the limit of {max_pixels:,}; downscale "
+            "it, or raise the limit (--max-pixels / max_pixels=) if the machine has the memory")
 
 
 def read_header(source: str | os.PathLike | bytes) -> Image.Image:

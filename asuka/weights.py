@@ -100,9 +100,23 @@ def load_autoencoder(ref: str | Path, *, dtype: "torch.dtype | None" = None, fie
     from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 
     cls = class_from_config(ref, field=field, allowed=(AutoencoderKL, AsymmetricAutoencoderKL))
-    with warnings.catch_warnings():  # newer diffusers rename torch_dtype with a FutureWarning; the old name works
-        warnings.simplefilter("ignore", FutureWarning)
-        return cls.from_pretrained(resolve_pretrained(ref, field=field), torch_dtype=dtype)
+    try:
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype with a FutureWarning; the old name works
+            warnings.simplefilter("ignore", FutureWarning)
+            return cls.from_pretrained(resolve_pretrained(ref, field=field), torch_dtype=dtype)
+    except loading_errors() as err:
+        raise InputError(f"cannot load {ref} as {cls.__name__}: {' '.join(str(err).split())}", field) from err
 
 
-__all__ = ["HUB_ID", "resolve_pretrained", "config_class_name", "class_from_config", "load_autoencoder"]
+def loading_errors() -> tuple[type[BaseException], ...]:
+    """What diffusers / transformers raise for weight files that cannot be used: missing, truncated or corrupt
+    safetensors, pickles refused by ``weights_only=True``, tensors of the wrong shape."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+
+
+__all__ = ["HUB_ID", "resolve_pretrained", "config_class_name", "class_from_config", "load_autoencoder",
+           "loading_errors"]

@@ -280,7 +280,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_pat
     with pytest.warns(UserWarning, match=r"skipped last.ckpt \(unreadable .*resuming from .*step=4.ckpt"):
         assert _fit_here(tmp_path, "resume", config, "--ckpt_path", "last") == 0
     assert torch.load(last, weights_only=True)["global_step"] == 6  # rewritten whole
-    assert not list(ckpt.glob(".*.tmp"))
+    assert not list(ckpt.glob(".*"))  # no temporary file left
 
     capsys.readouterr()
     config["model"]["init_args"]["model"] = {**TINY_MAE, "embed_dim": 32}  # another model: mis-shaped tensors
@@ -317,3 +317,13 @@ def test_bad_fit_arguments_give_one_line(tmp_path, capsys, change, message):
     assert _fit_here(tmp_path, "bad", config) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m trainers.fit: error: ") and message in err[-1]
+
+
+def test_the_allow_list_is_every_stage_class_of_the_trainers_package():
+    from trainers.base import StageModule
+    from trainers.export import stage_classes
+
+    allowed = stage_classes()
+    assert {"trainers.mae.MAEModule", "trainers.aligner.AlignerModule", "trainers.decoder.DecoderModule"} <= set(allowed)
+    assert all(issubclass(cls, StageModule) for cls in allowed.values())
+    assert "os.system" not in allowed and "trainers.base.StageModule" not in allowed

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,33 +21,16 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from asuka.atomic import atomic_path
+
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_problem", "resolve_resume_path"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a same-folder temporary file, ``fsync`` and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    except OSError:
-        pass
-    finally:
-        os.close(folder)
+    """``torch.save(obj, path)`` through :func:`asuka.atomic.atomic_path` (same-folder temporary file, ``fsync``,
+    ``os.replace``)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -95,8 +77,9 @@ def resolve_resume_path(ckpt_path: str | None, folder: str | os.PathLike | None)
             raise ValueError(f"--ckpt_path {ckpt_path}: {problem}")
         return ckpt_path
     folder = Path(folder) if folder is not None else None
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name.startswith("last")),
-                        reverse=True) if folder is not None and folder.is_dir() else []
+    found = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")] \
+        if folder is not None and folder.is_dir() else []  # ".name.tmp.ckpt": a write in progress or interrupted
+    candidates = sorted(found, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
     skipped = []
     for path in candidates:
         problem = checkpoint_problem(path)

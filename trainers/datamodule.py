@@ -176,7 +176,6 @@ class InpaintingDataModule(LightningDataModule):
         self.failing_shards = 0
         self._train_urls: list[str] | None = None
         self._train_stream: TrainStream | None = None
-        self._train_loader: ResumableLoader | None = None
         self._val_urls: list[str] = []
 
     # ------------------------------------------------------------------------------ setup
@@ -232,10 +231,19 @@ class InpaintingDataModule(LightningDataModule):
             self.failing_shards = self._train_stream.failing_shards
         trainer = getattr(self, "trainer", None)
         start = trainer.current_epoch * self.epoch_batches if trainer is not None else 0
-        self._train_loader = ResumableLoader(
+        return ResumableLoader(
             self._train_stream, epoch_batches=self.epoch_batches, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, transform=None if self.device_transform else finish_batch, start=start)
-        return self._train_loader
+            pin_memory=self.pin_memory, transform=None if self.device_transform else finish_batch, start=start,
+            resume_position=self._resume_position if trainer is not None else None)
+
+    def _resume_position(self) -> int:
+        """The training batch a run resumed from a checkpoint written now starts with, by Lightning's own restart
+        rule: a checkpoint taken after a step's work (``on_train_batch_end``: ModelCheckpoint) resumes with the next
+        batch, one taken during a step (SLURM's ``SIGUSR1`` at any moment) redoes that step's batch."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        step_done = progress.ready == progress.started == progress.processed
+        return self.trainer.current_epoch * self.epoch_batches + (progress.processed if step_done
+                                                                  else progress.completed)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         self.setup("validate")
@@ -254,11 +262,8 @@ class InpaintingDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "skipped" in batch:
             self.skipped_samples += int(batch["skipped"])  # CPU tensor: no device sync
-        if isinstance(batch, dict) and "position" in batch:  # a training batch the loop is about to use
-            batch = dict(batch)
-            position = batch.pop("position")
-            if self._train_loader is not None:
-                self._train_loader.consumed(position)
+        if isinstance(batch, dict) and "position" in batch:  # a training batch: the model does not see its position
+            batch = {k: v for k, v in batch.items() if k != "position"}
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -469,35 +469,32 @@ class ResumableLoader:
     epoch boundary, or, right after :meth:`load_state_dict` (or ``start``), at the saved position. One worker
     iterator runs across epochs; it is rebuilt only when the next batch it would give is not the one wanted.
 
-    :meth:`consumed` records the position of each batch the training loop actually used (a trainer prefetches one
-    batch ahead); ``state_dict()`` is ``{"position": the batch after the last consumed one}`` (the batch after the
-    last handed-out one when nobody records consumption). Lightning stores it in checkpoints and hands it back on
-    resume (its ``state_dict`` protocol for stateful loaders).
+    ``state_dict()`` is ``{"position": the batch a resumed run must start with}``, which Lightning stores in
+    checkpoints and hands back on resume (its ``state_dict`` protocol for stateful loaders). A trainer fetches ahead
+    and may be stopped in the middle of a step (SLURM's signal), so the position comes from ``resume_position``
+    (a callable the trainer side provides: the batch the trainer's own resume logic will ask for next); without it,
+    the batch after the last one handed out.
     """
 
     def __init__(self, stream: TrainStream, *, epoch_batches: int, num_workers: int = 0, pin_memory: bool = False,
-                 transform: Callable[[dict], dict] | None = None, start: int = 0) -> None:
+                 transform: Callable[[dict], dict] | None = None, start: int = 0,
+                 resume_position: Callable[[], int] | None = None) -> None:
         self.stream, self.epoch_batches, self.transform = stream, epoch_batches, transform
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.resume_position = resume_position
         self._resume: int | None = int(start)
         self._handed = int(start)  # the batch after the last one handed out
-        self._consumed: int | None = None  # the batch after the last one the training loop used
         self._iterator: Iterator[dict] | None = None
         self._iterator_next = -1
 
     def __len__(self) -> int:
         return self.epoch_batches
 
-    def consumed(self, position: int) -> None:
-        """The training loop used the batch at ``position``."""
-        self._consumed = int(position) + 1
-
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self._handed if self._consumed is None else self._consumed}
+        return {"position": int(self.resume_position()) if self.resume_position is not None else self._handed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = self._handed = int(state["position"])
-        self._consumed = None
 
     def _batches_from(self, position: int) -> Iterator[dict]:
         if self._iterator is None or self._iterator_next != position:

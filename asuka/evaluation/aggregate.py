@@ -67,7 +67,7 @@ def load_shards(folder: str | Path, count: int | None = None
     if any(m != metas[0] for m in metas):
         raise InputError(f"shard results in {folder} were made with different settings; rerun them alike")
     if reals and len(reals) != len(files):
-        raise InputError(f"some shards in {folder} lack Inception features; rerun them with the same --metrics")
+        raise InputError(f"some shards in {folder} lack Inception features; rerun them with the same metrics")
     order = sorted(range(len(records)), key=lambda i: records[i]["key"])
     records = [records[i] for i in order]
     if not reals:

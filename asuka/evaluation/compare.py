@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from asuka.errors import InputError
 from asuka.pipelines._common import load_image, to_pil
 from asuka.tensors import MASK_THRESHOLD, paste_back
 
@@ -62,10 +63,12 @@ def comparison_grid(items: Sequence[EvalItem], predictions: Mapping[str, Path], 
         preds = {name: find_prediction(folder, item.key) for name, folder in predictions.items()}
         if any(p is None for p in preds.values()):
             continue
-        gt, mask = load_pair(item)
-        hole = mask >= MASK_THRESHOLD
-        tiles = [torch.where(hole, torch.zeros_like(gt), gt), (mask * 2 - 1).expand_as(gt)]
-        tiles += [paste_back(load_image(str(p)), gt, mask) for p in preds.values()]
+        try:
+            gt, mask = load_pair(item)
+            tiles = [torch.where(mask >= MASK_THRESHOLD, torch.zeros_like(gt), gt), (mask * 2 - 1).expand_as(gt)]
+            tiles += [paste_back(load_image(str(p)), gt, mask) for p in preds.values()]
+        except InputError:  # an unreadable item: already reported by scoring, not shown
+            continue
         width = max(1, round(height * gt.shape[-1] / gt.shape[-2]))
         rows.append(torch.cat(list(F.interpolate(torch.cat(tiles), size=(height, width), mode="bilinear",
                                                  antialias=True, align_corners=False)), dim=-1))

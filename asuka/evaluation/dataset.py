@@ -60,6 +60,12 @@ def discover(data: str | Path, *, resolution: int = 512, masks: str | Path | Non
     images = list_image_files(image_dir)
     if not images:
         raise InputError(f"no image files in {image_dir}", "data")
+    stems: dict[str, Path] = {}
+    for path in images:  # predictions are <stem>.png: two images of one stem would overwrite each other
+        if path.stem in stems:
+            raise InputError(f"{stems[path.stem].name} and {path.name} in {image_dir} share the stem "
+                             f"{path.stem!r} (predictions are named <stem>.png); rename or remove one of them", "data")
+        stems[path.stem] = path
     missing = [p.name for p in images if p.stem not in by_stem]
     if missing:
         raise InputFileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no mask of the same stem in "

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from asuka.errors import InputError
 from asuka.pipelines._common import to_pil
 
 from .dataset import EvalItem, load_pair
@@ -34,9 +35,10 @@ def _save_atomic(image: torch.Tensor, path: Path) -> None:
 
 def predict(items: Sequence[tuple[int, EvalItem]], folder: str | Path, painter: Callable[..., torch.Tensor], *,
             inputs: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 1, seed: int = 0,
-            progress: bool = True) -> int:
+            progress: bool = True, failures: dict[str, str] | None = None) -> int:
     """Run ``painter`` (an :class:`asuka.api.Inpainter`) over ``(position, item)`` pairs whose prediction is missing,
-    with each item's extra inputs ``inputs[key]``; returns how many ran."""
+    with each item's extra inputs ``inputs[key]``; returns how many ran. With a ``failures`` dict, an item whose files
+    cannot be read is recorded there (key -> message) and skipped; without, its error stops the run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder = Path(folder)
@@ -46,7 +48,15 @@ def predict(items: Sequence[tuple[int, EvalItem]], folder: str | Path, painter: 
     for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress or not batches):
         by_size: dict[tuple[int, int], list] = {}
         for item in batch:  # images of one size form one forward pass
-            image, mask = load_pair(item)
+            if failures is not None and item.key in failures:
+                continue
+            try:
+                image, mask = load_pair(item)
+            except InputError as err:
+                if failures is None:
+                    raise
+                failures[item.key] = " ".join(str(err).split())
+                continue
             by_size.setdefault(tuple(image.shape[-2:]), []).append((item, image, mask))
         for group in by_size.values():
             result = painter(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]),

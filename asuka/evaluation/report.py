@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from asuka.errors import InputError
 from asuka.tensors import MASK_THRESHOLD, paste_back
 from asuka.pipelines._common import load_image, to_pil
 
@@ -68,8 +69,11 @@ def example_grid(items: Sequence[EvalItem], predictions: Path, path: Path, *, co
         pred_path = find_prediction(predictions, item.key)
         if pred_path is None:
             continue
-        gt, mask = load_pair(item)
-        pred = load_image(str(pred_path))
+        try:
+            gt, mask = load_pair(item)
+            pred = load_image(str(pred_path))
+        except InputError:  # an unreadable item: already reported by scoring, not shown
+            continue
         hole = mask >= MASK_THRESHOLD
         masked = torch.where(hole, torch.zeros_like(gt), gt)  # hole shown grey
         tiles = torch.cat([masked, pred, paste_back(pred, gt, mask), gt])

@@ -41,6 +41,7 @@ class MethodRun:
     options: Mapping[str, Any] = field(default_factory=dict)
     option_strings: Mapping[str, str] = field(default_factory=dict)
     weights: Mapping[str, str] = field(default_factory=dict)
+    compile: bool = False
 
 
 @dataclass
@@ -67,6 +68,8 @@ class EvalConfig:
     shard: Shard | None = None
     progress: bool = True
     metrics: MetricConfig = field(default_factory=MetricConfig)
+    fail_fast: bool = False
+    failures: dict[str, str] = field(default_factory=dict)  # filled by evaluate: key -> why it was left out
 
     def meta(self, settings: Mapping[str, Any] | None = None, inputs: Mapping[str, Any] | None = None) -> dict:
         """Settings recorded with every shard (must agree across shards) and in ``metrics.json``: the method's
@@ -115,7 +118,8 @@ def evaluate(config: EvalConfig) -> dict | None:
     items = discover(config.data, resolution=config.resolution, masks=config.masks)[:config.limit]
     device = _device(config.device)
     painters = [Inpainter(run.method, run.model, device=device, decoder=run.decoder, preset=run.preset,
-                          options=run.options, option_strings=run.option_strings, weights=run.weights)
+                          options=run.options, option_strings=run.option_strings, weights=run.weights,
+                          compile=run.compile)
                 for run in config.methods]
     keys = [item.key for item in items]
     unused = set(config.inputs) - {r for p in painters for r in config.inputs if _takes(p, r)}
@@ -134,11 +138,13 @@ def evaluate(config: EvalConfig) -> dict | None:
         predictions = folder / "predictions" if painter is not None else Path(config.predictions)
         if painter is not None:
             computed = predict(mine, predictions, painter, inputs=per_key, batch_size=config.batch_size,
-                               seed=config.seed, progress=config.progress)  # loads the model only if needed
+                               seed=config.seed, progress=config.progress,  # loads the model only if needed
+                               failures=None if config.fail_fast else config.failures)
             print(f"asuka evaluate: {painter.method}: reused {len(mine) - computed} predictions, computed {computed}")
             painter.release()  # one method in memory at a time
-        records, real, fake = score_items([item for _, item in mine], predictions, suite,
-                                          batch_size=config.batch_size, progress=config.progress)
+        records, real, fake = score_items([item for _, item in mine if item.key not in config.failures], predictions,
+                                          suite, batch_size=config.batch_size, progress=config.progress,
+                                          failures=None if config.fail_fast else config.failures)
         role_values = {r: v for r, v in given.items() if painter is not None and _takes(painter, r)}
         write_shard(folder / "shards", shard.name, records, real, fake,
                     config.meta(painter.settings() if painter else None, role_values))

@@ -150,9 +150,11 @@ def _load_prediction(path: Path, gt: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def score_items(items: Sequence[EvalItem], predictions: str | Path, suite: MetricSuite, *, batch_size: int = 8,
-                progress: bool = True) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
+                progress: bool = True, failures: dict[str, str] | None = None
+                ) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
     """Score every item against ``predictions/<key>.*``; returns records and real/fake features whose rows follow
-    the records."""
+    the records. With a ``failures`` dict, an item whose ground truth cannot be read is recorded there and left
+    out; without, its error stops the run."""
     predictions = Path(predictions)
     paths = {item.key: find_prediction(predictions, item.key) for item in items}
     missing = [k for k, p in paths.items() if p is None]
@@ -163,9 +165,15 @@ def score_items(items: Sequence[EvalItem], predictions: str | Path, suite: Metri
     for start in tqdm(range(0, len(items), batch_size), desc="score", unit="batch", disable=not progress):
         groups: dict[tuple[int, int], list] = {}
         for item in items[start:start + batch_size]:  # same-size images share one forward pass
-            gt, mask = load_pair(item)
-            groups.setdefault(tuple(gt.shape[-2:]), []).append(
-                (item, _load_prediction(paths[item.key], gt, item.key), gt, mask))
+            try:
+                gt, mask = load_pair(item)
+                pred = _load_prediction(paths[item.key], gt, item.key)
+            except InputError as err:
+                if failures is None:
+                    raise
+                failures[item.key] = " ".join(str(err).split())
+                continue
+            groups.setdefault(tuple(gt.shape[-2:]), []).append((item, pred, gt, mask))
         for group in groups.values():
             values, feats = suite.score(*(torch.cat([g[i] for g in group]) for i in (1, 2, 3)))
             columns = {k: v.tolist() for k, v in values.items()}  # one host transfer per metric, not per image

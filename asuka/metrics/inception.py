@@ -26,16 +26,16 @@ from torch import nn
 from asuka.models.checkpoint import read_checkpoint
 from asuka.tensors import to_uint8
 
-from .weights import WeightSource, resolve_weights
+from .weights import WeightSource, reading_weights, resolve_weights
 
 FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                 "weights-inception-2015-12-05-6726825d.pth")
 TORCHVISION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
 VARIANTS = {
-    "fidelity": WeightSource("FID/KID/IDS Inception-v3 (torch-fidelity, TF 2015-12-05)", "--inception-weights",
+    "fidelity": WeightSource("FID/KID/IDS Inception-v3 (torch-fidelity, TF 2015-12-05)", "inception_weights",
                              FIDELITY_URL),
     "torchvision": WeightSource("FID/KID/IDS Inception-v3 (torchvision IMAGENET1K_V1, ASUKA cal_ids.py)",
-                                "--inception-weights", TORCHVISION_URL),
+                                "inception_weights", TORCHVISION_URL),
 }
 FEATURE_DIM = 2048
 
@@ -74,19 +74,21 @@ class InceptionFeatures(nn.Module):
                     # torch-fidelity unpickles its file with weights_only=False: it only ever gets a copy that we
                     # wrote from the tensors read with weights_only=True (no check-then-load race on the user's file)
                     local = str(Path(tmp) / "inception.pth")
-                    torch.save(read_checkpoint(path, key="state_dict"), local)
-                with warnings.catch_warnings():
+                    with reading_weights("inception_weights"):
+                        torch.save(read_checkpoint(path, key="state_dict"), local)
+                with warnings.catch_warnings(), reading_weights("inception_weights"):
                     warnings.simplefilter("ignore")
                     try:
                         self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                                  feature_extractor_weights_path=local)
                     except RuntimeError as error:  # load_state_dict: missing / unexpected / mis-shaped tensors
-                        raise ValueError(f"--inception-weights {str(path)!r} does not fit the torch-fidelity "
-                                         f"Inception-v3: {str(error).splitlines()[-1].strip()}") from error
+                        raise ValueError(f"{str(path)!r} does not fit the torch-fidelity Inception-v3: "
+                                         f"{str(error).splitlines()[-1].strip()}") from error
         else:
             from torchvision.models import Inception_V3_Weights
 
-            self.model = _torchvision_inception(path)
+            with reading_weights("inception_weights"):
+                self.model = _torchvision_inception(path)
             self.preprocess = Inception_V3_Weights.IMAGENET1K_V1.transforms()
         self.requires_grad_(False).eval()
 

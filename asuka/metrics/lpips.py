@@ -17,7 +17,7 @@ from torch import nn
 
 from asuka.models.checkpoint import read_checkpoint
 
-from .weights import WeightSource, resolve_weights
+from .weights import WeightSource, reading_weights, resolve_weights
 
 BACKBONES = {
     # lpips name: (torchvision builder, torchvision weights enum name, file name of the torchvision release)
@@ -29,7 +29,7 @@ BACKBONES = {
 
 
 def _source(net: str) -> WeightSource:
-    return WeightSource(f"LPIPS-{net} (torchvision {BACKBONES[net][0]} ImageNet backbone)", "--lpips-weights",
+    return WeightSource(f"LPIPS-{net} (torchvision {BACKBONES[net][0]} ImageNet backbone)", "lpips_weights",
                         BACKBONES[net][2])
 
 
@@ -93,8 +93,10 @@ class LPIPS(nn.Module):
             self.model = lpips_lib.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
         heads = Path(lpips_lib.__file__).parent / "weights" / "v0.1" / f"{net}.pth" if linear_weights is None \
             else Path(linear_weights)
-        _load_heads(self.model, read_checkpoint(heads), str(heads))
-        _load_slices(self.model.net, _backbone_state(net, path), f"--lpips-weights {str(path)!r}")
+        with reading_weights("linear_weights"):
+            _load_heads(self.model, read_checkpoint(heads), str(heads))
+        with reading_weights("lpips_weights"):
+            _load_slices(self.model.net, _backbone_state(net, path), repr(str(path)))
         self.requires_grad_(False).eval()
 
     @property

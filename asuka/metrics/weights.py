@@ -2,18 +2,22 @@
 
 torch-fidelity, torchmetrics and ``lpips`` all fetch their backbones from the internet when no local file
 is given. Every metric here instead takes a local path, or downloads only when ``allow_download=True``
-(CLI: ``--allow-download``). A missing weight raises :class:`MissingWeightsError` naming the option to
-pass and where such a file comes from.
+. A missing weight raises :class:`MissingWeightsError` for the parameter to set (its ``field``; the CLI names its
+flag) and says where such a file comes from.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from asuka.errors import InputError
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A metric needs backbone weights that were neither given nor allowed to download."""
+class MissingWeightsError(InputError, FileNotFoundError):
+    """A metric needs backbone weights that were neither given nor allowed to download (``field``: the parameter)."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class WeightSource:
     """Where a backbone's weights come from, for error messages and docs."""
 
     what: str
-    option: str
+    field: str
     url: str
 
 
@@ -35,10 +39,22 @@ def resolve_weights(path: str | Path | None, source: WeightSource, *, allow_down
         if allow_download:
             return None
         raise MissingWeightsError(
-            f"{source.what} needs weights: pass {source.option} PATH (a local copy of {source.url}) "
-            f"or --allow-download (Python: allow_download=True) to fetch them into the torch hub cache."
-        )
+            f"{source.what} needs weights: pass the path of a local copy of {source.url}, or allow the download "
+            "(allow_download) to fetch them into the torch hub cache", source.field)
     path = Path(path).expanduser()
     if not path.is_file():
-        raise MissingWeightsError(f"{source.option}: no such file {str(path)!r} ({source.what}; source: {source.url}).")
+        raise MissingWeightsError(f"no such file {str(path)!r} ({source.what}; source: {source.url})", source.field)
     return path
+
+
+@contextmanager
+def reading_weights(field: str) -> Iterator[None]:
+    """Turn what reading a weight file raises (truncated, not a state dict, a pickle naming code, tensors of the
+    wrong shape) into an :class:`~asuka.errors.InputError` for ``field`` (e.g. ``lpips_weights``)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, KeyError, RuntimeError, EOFError) as error:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        raise InputError(" ".join(text.split()), field) from error

@@ -19,6 +19,9 @@ Conventions (README "Conventions"), applied once, at the boundary:
   maximum is 1 are 0/1 label masks and read as such. Masks with alpha (RGBA, LA, transparent palette files;
   2- or 4-channel arrays) are composited on black: transparent pixels are known whatever colour they store. Colour masks are accepted only when their R, G and B channels are equal (an error
   otherwise: a red stroke is not a hole).
+- **Files**: the width and height are read from the header and checked against ``max_pixels`` (default
+  :data:`~asuka.image_limits.DEFAULT_MAX_PIXELS`, 100 megapixels) before anything is decoded; truncated files are
+  errors; an animated file (GIF, APNG, WebP) gives its first frame with an :class:`AnimatedImageWarning`.
 - **Sizes**: image and mask must have the same size (an :class:`InputError` otherwise: resizing a mask silently
   moves the hole). Methods see inputs padded on the bottom/right to a multiple (8 by default, 64 where a method
   needs it): images by reflection, masks with zeros (padding is known context, never hole); the padding is
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -49,10 +53,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from asuka.errors import InputError, InputFileNotFoundError
+from asuka.image_limits import DEFAULT_MAX_PIXELS, ImageTooLargeError, image_size, read_header
 from asuka.pipelines._hd import DEFAULT_MAX_SIZE, HDStrategy, crop_region, resize_target
 from asuka.tensors import DEFAULT_MULTIPLE, MASK_THRESHOLD, crop_padding, pad_to_multiple, resize_image, resize_mask
 from asuka.tensors import paste_back as _paste_back  # run_inpainting's ``paste_back`` flag shadows the name
-from asuka.tensors import to_numpy_uint8
+from asuka.tensors import to_numpy_uint8, to_uint8
 
 _RANGE_TOLERANCE = 1e-3  # float tensors may overshoot [-1, 1] / [0, 1] by this much (then clamped)
 
@@ -63,23 +68,37 @@ class SoftMaskWarning(UserWarning):
     """A mask had values other than 0/1 (or 0/255) and was binarized at :data:`MASK_THRESHOLD`."""
 
 
+class AnimatedImageWarning(UserWarning):
+    """An animated image file (GIF, APNG, WebP) was given; only its first frame is used."""
+
+
 # ----------------------------------------------------------------------------------------------- loading
-def _open(path: str | os.PathLike, name: str) -> Image.Image:
+def _open(path: str | os.PathLike, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file: its size is checked from the header first (:mod:`asuka.image_limits`, ``max_pixels``),
+    then it is decoded whole (truncated files are errors) with its EXIF orientation; an animated file warns
+    (:class:`AnimatedImageWarning`) and gives its first frame."""
     path = Path(path)
     if not path.exists():
         raise InputFileNotFoundError(f"{name}: file not found: {path} (check the path)")
     if path.is_dir():
         raise InputError(f"{name}: {path} is a folder; pass an image file")
     try:
-        with Image.open(path) as img:
+        image_size(path, max_pixels=max_pixels, what=f"{name}: {path}")
+    except ImageTooLargeError as err:
+        raise InputError(str(err)) from None
+    except ValueError:
+        pass  # not an image: the decoder below names the problem
+    try:
+        with read_header(path) as img:  # Pillow's own decompression-bomb check is replaced by the one above
+            frames = getattr(img, "n_frames", 1)
             img.load()
-            img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{name}: {path} is over PIL's decompression-bomb limit ({err}); if you trust the file, "
-                         "raise PIL.Image.MAX_IMAGE_PIXELS") from None
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of a large image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{name}: cannot read {path} as an image ({type(err).__name__}: {err}); "
                          "the file is truncated, corrupt or not an image - re-export it as PNG or JPEG") from None
+    if frames > 1:
+        warnings.warn(f"{name}: {path} is animated ({frames} frames); only its first frame is used - export the "
+                      "frame you want as PNG to silence this", AnimatedImageWarning, stacklevel=4)
     return img
 
 
@@ -97,7 +116,7 @@ def _pil_to_array(img: Image.Image, *, keep_alpha: bool) -> np.ndarray:
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"))
         return rgba if keep_alpha else rgba[..., :3]
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img if mode == "RGB" else img.convert("RGB"))
 
 
 def _scale_array(arr: np.ndarray, name: str, what: str) -> np.ndarray:
@@ -150,6 +169,46 @@ def _image_from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
     return (x * 2 - 1).contiguous()
 
 
+def _compact_image_from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
+    """8-bit image array -> uint8 ``(B,3,H,W)`` in [0, 255] (a view where possible, no float copy); other dtypes
+    take the float path."""
+    if arr.dtype != np.uint8:
+        return _image_from_numpy(arr, name)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+        return _image_from_numpy(arr, name)  # names the problem
+    _check_size(arr.shape[1], arr.shape[2], name)
+    with warnings.catch_warnings():  # PIL's arrays are read-only; the compact image is never written to (no copy)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return x[:, :3] if x.shape[1] == 4 else x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _compact_mask_from_numpy(arr: np.ndarray, name: str, band_pixels: int = 1 << 22) -> torch.Tensor:
+    """Mask array -> uint8 ``(B,1,H,W)`` in {0, 1}, converted in bands of rows so no full-size float copy exists;
+    identical to :func:`_mask_from_numpy` (one :class:`SoftMaskWarning` at most)."""
+    if arr.ndim == 4 or arr.ndim < 2 or arr.dtype not in (np.uint8, np.uint16, np.bool_):
+        return _mask_from_numpy(arr, name).to(torch.uint8)
+    if arr.dtype != np.bool_ and arr.max() <= 1:
+        arr = arr.astype(np.bool_)  # a 0/1 label mask: decided for the whole mask, not per band
+    rows = max(1, band_pixels // max(1, arr.shape[1]))
+    bands, soft = [], None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SoftMaskWarning)
+        for start in range(0, arr.shape[0], rows):
+            bands.append(_mask_from_numpy(arr[start:start + rows], name).to(torch.uint8))
+        soft = next((w for w in caught if issubclass(w.category, SoftMaskWarning)), None)
+        others = [w for w in caught if not issubclass(w.category, SoftMaskWarning)]
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if soft is not None:
+        warnings.warn(soft.message, SoftMaskWarning, stacklevel=4)
+    return torch.cat(bands, dim=2)
+
+
 def _image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise InputError(f"{name}: tensor dtype {x.dtype} is not floating point; image tensors are float in "
@@ -166,13 +225,16 @@ def _image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def load_image(x: ImageLike, *, name: str = "image") -> torch.Tensor:
+def load_image(x: ImageLike, *, name: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               compact: bool = False) -> torch.Tensor:
     """Any image input -> float32 ``(B, 3, H, W)`` in ``[-1, 1]`` (``B = 1`` except for batched arrays/tensors).
 
     Accepts a path, a PIL image, a numpy array (channels last; uint8, uint16 or float in [0, 1]) or a tensor
     that already follows the convention. See the module docstring for every conversion.
     """
-    return _convert(x, name, from_numpy=_image_from_numpy, from_tensor=_image_from_tensor, keep_alpha=False)
+    return _convert(x, name, from_numpy=_compact_image_from_numpy if compact else _image_from_numpy,
+                    from_tensor=_compact_image_from_tensor if compact else _image_from_tensor, keep_alpha=False,
+                    max_pixels=max_pixels)
 
 
 def _binarize(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -222,16 +284,42 @@ def _mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return _binarize(x, name)
 
 
-def load_mask(x: ImageLike, *, name: str = "mask") -> torch.Tensor:
-    """Any mask input -> float32 ``(B, 1, H, W)`` in ``{0, 1}``, 1 = hole (threshold :data:`MASK_THRESHOLD`)."""
-    return _convert(x, name, from_numpy=_mask_from_numpy, from_tensor=_mask_from_tensor, keep_alpha=True)
+def load_mask(x: ImageLike, *, name: str = "mask", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+              compact: bool = False) -> torch.Tensor:
+    """Any mask input -> float32 ``(B, 1, H, W)`` in ``{0, 1}``, 1 = hole (threshold :data:`MASK_THRESHOLD`);
+    ``compact``: uint8 {0, 1} instead (the same values, a quarter of the memory)."""
+    return _convert(x, name, from_numpy=_compact_mask_from_numpy if compact else _mask_from_numpy,
+                    from_tensor=_compact_mask_from_tensor if compact else _mask_from_tensor, keep_alpha=True,
+                    max_pixels=max_pixels)
+
+
+def _compact_mask_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A compact (uint8 (B,1,H,W) in {0, 1}) mask passes as it is; anything else follows the tensor convention."""
+    if x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 1 and int(x.max()) <= 1:
+        return x
+    return _mask_from_tensor(x, name).to(torch.uint8)
+
+
+def _compact_image_from_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A compact (uint8 (B,3,H,W)) image passes as it is; anything else follows the tensor convention."""
+    if x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3:
+        _check_size(x.shape[-2], x.shape[-1], name)
+        return x
+    return _image_from_tensor(x, name)
+
+
+def float_image(x: torch.Tensor) -> torch.Tensor:
+    """A compact uint8 image -> float32 in [-1, 1] with exactly the values of 8-bit loading (``u8 / 255 * 2 - 1``);
+    a float image is returned as it is."""
+    return (x.float() / 255.0) * 2 - 1 if x.dtype == torch.uint8 else x
 
 
 def _convert(x: ImageLike, name: str, *, from_numpy: Callable[[np.ndarray, str], torch.Tensor],
-             from_tensor: Callable[[torch.Tensor, str], torch.Tensor], keep_alpha: bool) -> torch.Tensor:
+             from_tensor: Callable[[torch.Tensor, str], torch.Tensor], keep_alpha: bool,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Dispatch one image-like input (path, PIL, numpy, tensor) to the converter for its type."""
     if isinstance(x, (str, os.PathLike)):
-        x = _open(x, name)
+        x = _open(x, name, max_pixels)
     if isinstance(x, Image.Image):
         _check_size(x.height, x.width, name)
         return from_numpy(_pil_to_array(x, keep_alpha=keep_alpha), name)
@@ -245,6 +333,8 @@ def _convert(x: ImageLike, name: str, *, from_numpy: Callable[[np.ndarray, str],
 def _load_many(x, loader: Callable[..., torch.Tensor], name: str) -> torch.Tensor:
     if not isinstance(x, (list, tuple)):
         return loader(x, name=name)
+    if len(x) > 1:
+        loader = partial(loader, compact=False)  # items of a list are concatenated: one dtype
     if len(x) == 0:
         raise InputError(f"{name}: empty list; pass at least one item")
     items = [loader(item, name=f"{name}[{i}]") for i, item in enumerate(x)]
@@ -255,15 +345,17 @@ def _load_many(x, loader: Callable[..., torch.Tensor], name: str) -> torch.Tenso
     return torch.cat([t.to(items[0].device) for t in items])
 
 
-def prepare_inputs(image, mask, *, max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_inputs(image, mask, *, max_size: int | None = None,
+                   compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Load, batch and check an image/mask pair -> ``(B,3,H,W)`` in [-1,1] and ``(B,1,H,W)`` in {0,1}.
 
     ``image`` / ``mask`` may be anything :func:`load_image` / :func:`load_mask` take, or lists of them.
     A batch of 1 is broadcast against the other side; other differing batch sizes are an error, and so are
-    differing sizes. ``max_size`` (optional) bounds the longest side.
+    differing sizes. ``max_size`` (optional) bounds the longest side. ``compact``: 8-bit images stay uint8
+    ``(B,3,H,W)`` in [0, 255] and masks uint8 {0, 1} (see :func:`run_inpainting`).
     """
-    image = _load_many(image, load_image, "image")
-    mask = _load_many(mask, load_mask, "mask").to(image.device)
+    image = _load_many(image, partial(load_image, compact=compact), "image")
+    mask = _load_many(mask, partial(load_mask, compact=compact), "mask").to(image.device)
     if image.shape[-2:] != mask.shape[-2:]:
         (ih, iw), (mh, mw) = image.shape[-2:], mask.shape[-2:]
         raise InputError(f"mask: size {mw}x{mh} differs from the image's {iw}x{ih}; resize the mask to {iw}x{ih} "
@@ -279,6 +371,8 @@ def prepare_inputs(image, mask, *, max_size: int | None = None) -> tuple[torch.T
                              "image or a single mask for all")
     if max_size is not None:
         check_max_size(image.shape[-2], image.shape[-1], max_size)
+    if image.dtype == torch.uint8:  # compact: no copy of the full image
+        return image, mask
     return image.contiguous(), mask.contiguous()
 
 
@@ -291,8 +385,8 @@ def check_max_size(height: int, width: int, max_size: int) -> None:
 
 
 def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
-    """Images in [-1, 1] -> RGB PIL: a list for (B,3,H,W), one image for (3,H,W)."""
-    arr = to_numpy_uint8(x)
+    """Images in [-1, 1] (or compact uint8 images) -> RGB PIL: a list for (B,3,H,W), one image for (3,H,W)."""
+    arr = x.detach().movedim(-3, -1).cpu().numpy() if x.dtype == torch.uint8 else to_numpy_uint8(x)
     if arr.ndim == 3:
         return Image.fromarray(arr)
     return [Image.fromarray(a) for a in arr]
@@ -321,6 +415,7 @@ def run_inpainting(
     hd_strategy: HDStrategy | str = "crop",
     max_size: int | None = DEFAULT_MAX_SIZE,
     per_item: Mapping[str, Any] | None = None,
+    compact: bool = False,
 ) -> torch.Tensor:
     """The image geometry every method goes through (driven by :mod:`asuka.api`).
 
@@ -333,31 +428,41 @@ def run_inpainting(
     (:func:`asuka.tensors.paste_back`); with it off, pixels outside the processed region are still the input's.
     Returns (B,3,H,W) in [-1,1].
 
+    ``compact`` (large images): 8-bit inputs stay uint8 and only the processed region (with the ``crop`` HD
+    strategy, the box around the hole) is ever converted to float; the result is uint8 (B,3,H,W), equal to
+    :func:`asuka.tensors.to_uint8` of the float result. A 9000×9000 photograph with a small hole then needs about
+    1 GB instead of 6.8 GB (README, "Reliability promises").
+
     ``per_item`` (optional): per-item extras passed on as ``model(x, m, **extras)``: ``None`` stays ``None``, a list of
     ``B`` values keeps the items that reach the model, and a ``(B,C,H,W)`` tensor the image's size (an aligned input,
     e.g. a control image) is cropped, resized and padded exactly like the image.
     """
-    image, mask = prepare_inputs(image, mask)
+    image, mask = prepare_inputs(image, mask, compact=compact)
     strategy = hd_strategy if isinstance(hd_strategy, HDStrategy) else HDStrategy(name=hd_strategy)
     todo = torch.nonzero(mask.flatten(1).amax(dim=1) >= MASK_THRESHOLD).flatten()  # items with a hole (one sync)
     if todo.numel() == 0:
         return image.clone()
-    img, msk = image[todo], mask[todo]
+    every = todo.numel() == image.shape[0]  # then no indexing copy of the full batch
+    img, msk = (image, mask) if every else (image[todo], mask[todo])
     keep = todo.tolist()
     extras = {role: None if value is None else [value[i] for i in keep] if isinstance(value, (list, tuple))
               else _aligned(value, image, role)[todo] for role, value in (per_item or {}).items()}
 
     box = crop_region(msk, strategy)
-    if box is not None:
-        top, bottom, left, right = box
-        img, msk = img[..., top:bottom, left:right], msk[..., top:bottom, left:right]
-        extras = {role: v[..., top:bottom, left:right] if torch.is_tensor(v) else v for role, v in extras.items()}
-    region = tuple(img.shape[-2:])
+    if box is None:
+        box = (0, img.shape[-2], 0, img.shape[-1])
+    else:
+        extras = {role: v[..., box[0]:box[1], box[2]:box[3]] if torch.is_tensor(v) else v
+                  for role, v in extras.items()}
+    top, bottom, left, right = box
+    known = float_image(img[..., top:bottom, left:right])  # the only float copy of the image
+    msk = msk[..., top:bottom, left:right].float()
+    region = tuple(known.shape[-2:])
     size = working_size or resize_target(*region, strategy) or region
     if max_size is not None:
         check_max_size(size[0], size[1], max_size)
 
-    x, m = resize_image(img, size), resize_mask(msk, size)
+    x, m = resize_image(known, size), resize_mask(msk, size)
     x, pad = pad_to_multiple(x, multiple, mode="reflect")
     m, _ = pad_to_multiple(m, multiple, mode="constant")
     extras = {role: pad_to_multiple(resize_image(v, size), multiple, mode="reflect")[0] if torch.is_tensor(v) else v
@@ -366,13 +471,16 @@ def run_inpainting(
     if tuple(out.shape) != tuple(x.shape):
         raise RuntimeError(f"inpainting model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
     out = resize_image(crop_padding(out.to(image.device, torch.float32), pad), region)
+    if paste_back:  # outside the region the result is the input anyway
+        out = _paste_back(out, known, msk)
 
     result = image.clone()
-    if box is None:
-        result[todo] = out
+    out = to_uint8(out) if image.dtype == torch.uint8 else out
+    if every:
+        result[..., top:bottom, left:right] = out
     else:
         result[todo, :, top:bottom, left:right] = out
-    return _paste_back(result, image, mask) if paste_back else result
+    return result
 
 
 def _aligned(value: torch.Tensor, image: torch.Tensor, role: str) -> torch.Tensor:
@@ -390,6 +498,6 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_MAX_SIZE", "SoftMaskWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
+    "DEFAULT_MAX_SIZE", "DEFAULT_MAX_PIXELS", "SoftMaskWarning", "AnimatedImageWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
     "mask_to_pil", "run_inpainting", "list_image_files",
 )

@@ -37,13 +37,16 @@ class HDStrategy:
     resize_limit: int = 1280
 
     def __post_init__(self) -> None:
+        from asuka.errors import InputError  # torch-free, import-light
+
         if self.name not in HD_STRATEGIES:
-            raise ValueError(f"hd_strategy must be one of {', '.join(HD_STRATEGIES)}; got {self.name!r}")
+            raise InputError(f"must be one of {', '.join(HD_STRATEGIES)}; got {self.name!r}", "hd_strategy")
         for field in ("trigger_size", "resize_limit"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"hd {field} must be a positive number of pixels; got {getattr(self, field)}")
-        if self.margin < 0:
-            raise ValueError(f"hd margin must be >= 0 pixels; got {self.margin}")
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"must be a positive number of pixels; got {value!r}", f"hd_{field}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise InputError(f"must be >= 0 pixels; got {self.margin!r}", "hd_margin")
 
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right), bottom/right exclusive

@@ -119,13 +119,15 @@ class InpaintMethod:
             from asuka.weights import load_autoencoder
 
             decoder = load_autoencoder(decoder, dtype=dtype, field="decoder")
+        from asuka.weights import loading_errors
+
         build = self.builder()
         try:
             with _hub_quiet():
                 return build(model, device=torch.device(device), dtype=dtype, vae=decoder, **extra)
         except InputError:
             raise
-        except (ValueError, OSError, KeyError, TypeError) as err:  # diffusers/transformers loading failures
+        except loading_errors() as err:  # truncated / pickled / mis-shaped weight files
             raise InputError(f"cannot load {str(model)!r} as method {self.name!r}: {loading_error_text(err)}",
                              "model") from err
 
