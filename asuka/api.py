@@ -204,7 +204,10 @@ class Inpainter:
     or hub id (or a loaded module) replacing the method's VAE. ``weights``: the method's declared extra weights
     (``{name: folder, file or hub id}``). ``sr``: an x4-upscaler folder or hub id; when set, every result goes
     through HD-Painter's inpainting-specialised super-resolution (long side 2048; ``sr_options`` are passed to
-    :class:`asuka.pipelines.hd_painter.sr.InpaintSRPipeline`).
+    :class:`asuka.pipelines.hd_painter.sr.InpaintSRPipeline`). ``compile``: ``True`` (or a dict of
+    ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune"}``) compiles the loaded method's denoiser, VAE decoder,
+    aligner and MAE once, at load (:func:`asuka.compile.compile_runner`; results agree with eager to
+    :data:`asuka.compile.COMPILE_TOLERANCE`).
     """
 
     method: str
@@ -218,6 +221,7 @@ class Inpainter:
     weights: Mapping[str, Any] | None = None
     sr: str | Path | None = None
     sr_options: Mapping[str, Any] | None = None
+    compile: bool | Mapping[str, Any] = False
     resolved: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -242,8 +246,13 @@ class Inpainter:
     @cached_property
     def runner(self):
         """The loaded method (built at first access)."""
-        return self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
-                                    weights=self.weights)
+        runner = self.registered.load(self.model, device=self.torch_device, dtype=self.dtype, decoder=self.decoder,
+                                      weights=self.weights)
+        if self.compile:
+            from asuka.compile import compile_runner
+
+            compile_runner(runner, None if self.compile is True else self.compile)
+        return runner
 
     @cached_property
     def sr_pipeline(self):

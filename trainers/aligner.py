@@ -90,6 +90,7 @@ class AlignerModule(StageModule):
         frozen_dtype: dtype of the frozen UNet, VAE and MAE: ``"bfloat16"``, ``"float16"``, ``"float32"`` or
             ``None`` = bf16 on CUDA, float32 otherwise.
         gradient_checkpointing: recompute the frozen UNet's blocks in backward (memory; the paper trains at 512²).
+        compile: ``torch.compile`` the costly modules (:meth:`compiled_parts`) in place at setup (GPU speed).
         val_sampling_steps: DDIM steps of the sampled inpaintings in the image grids.
         seed: seed of the per-step noise, timesteps and swap draws (a resumed run draws what an uninterrupted one
             would).
@@ -112,8 +113,9 @@ class AlignerModule(StageModule):
         val_sampling_steps: int = 10,
         seed: int = 0,
         max_consecutive_nonfinite: int = 20,
+        compile: bool = False,
     ) -> None:
-        super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite)
+        super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite, compile=compile)
         self.save_hyperparameters()
         # p per optimizer step up to the end of the decay, on the module's device: indexing it needs no host-to-device
         # copy per step (logging a Python float does: Lightning makes a device tensor of it, a sync on CUDA).
@@ -133,6 +135,10 @@ class AlignerModule(StageModule):
         self.noise_scheduler: DDPMScheduler | None = None
 
     # ------------------------------------------------------------------ weights
+    def compiled_parts(self) -> list[torch.nn.Module]:
+        """The aligner and the frozen UNet (most of the step's cost)."""
+        return [self.aligner, self.unet]
+
     def exportable(self) -> PriorAligner:
         return self.aligner
 

@@ -94,10 +94,11 @@ class _WarmupCosine:
 class StageModule(LightningModule):
     """Base of the stage modules; see the module docstring for the contract."""
 
-    def __init__(self, *, max_consecutive_nonfinite: int = 20) -> None:
+    def __init__(self, *, max_consecutive_nonfinite: int = 20, compile: bool = False) -> None:
         super().__init__()
         check_positive_ints(max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.compile_modules = compile  # torch.compile the compiled_parts() in setup('fit'), after loading
         self.strict_loading = False  # frozen parts are absent from checkpoints; on_load_checkpoint checks the rest
         self._nonfinite_run: torch.Tensor | None = None  # consecutive skipped steps (device)
         self._nonfinite_total: torch.Tensor | None = None  # skipped steps since the process started (device)
@@ -123,9 +124,19 @@ class StageModule(LightningModule):
         image, masked = batch["image"], batch.get("masked_image")
         return {"input": image, "masked": image * (1 - batch["mask"]) if masked is None else masked}
 
+    def compiled_parts(self) -> list[torch.nn.Module]:
+        """The modules ``compile=True`` compiles in place (``nn.Module.compile``: parameter names, checkpoints and
+        exports are unchanged): the ones the training step calls through ``__call__`` and that cost the most.
+        Default: the exportable module."""
+        return [self.exportable()]
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.load_pretrained()
+            if self.compile_modules:
+                for module in self.compiled_parts():
+                    if getattr(module, "_compiled_call_impl", None) is None:
+                        module.compile()
 
     # ------------------------------------------------------------------ randomness
     def seeded_generator(self, seed: int) -> torch.Generator:

@@ -41,6 +41,7 @@ class MethodRun:
     options: Mapping[str, Any] = field(default_factory=dict)
     option_strings: Mapping[str, str] = field(default_factory=dict)
     weights: Mapping[str, str] = field(default_factory=dict)
+    compile: bool = False
 
 
 @dataclass
@@ -117,7 +118,8 @@ def evaluate(config: EvalConfig) -> dict | None:
     items = discover(config.data, resolution=config.resolution, masks=config.masks)[:config.limit]
     device = _device(config.device)
     painters = [Inpainter(run.method, run.model, device=device, decoder=run.decoder, preset=run.preset,
-                          options=run.options, option_strings=run.option_strings, weights=run.weights)
+                          options=run.options, option_strings=run.option_strings, weights=run.weights,
+                          compile=run.compile)
                 for run in config.methods]
     keys = [item.key for item in items]
     unused = set(config.inputs) - {r for p in painters for r in config.inputs if _takes(p, r)}

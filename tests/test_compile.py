@@ -1,0 +1,124 @@
+"""torch.compile of a loaded method (asuka.compile, ``Inpainter(compile=...)``) and of the attention controls.
+
+Tracing even the tiny UNet with dynamo takes seconds on a 2-core CPU, so the fast tests use dynamo's ``eager``
+backend (graph capture, no code generation); the inductor comparison against the documented tolerance is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+from asuka.api import Inpainter
+from asuka.attention import AttentionControl, AttentionController
+from asuka.compile import COMPILE_TOLERANCE, compile_pipeline
+from asuka.models.tiny import tiny_unet
+
+
+def _image_mask(h=32, w=32):
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1
+    return image, mask
+
+
+def _run(painter):
+    image, mask = _image_mask()
+    return painter(image, mask, inputs={"prompt": "a photo"}, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_inpainter_compile_compiles_once_and_matches_eager(tiny_inpaint_dir):
+    options = {"num_inference_steps": 2}
+    eager = _run(Inpainter("sd", tiny_inpaint_dir, device="cpu", options=options))
+    counter = CompileCounter()
+    painter = Inpainter("sd", tiny_inpaint_dir, device="cpu", options=options, compile={"backend": counter})
+    compiled = _run(painter)
+    pipe = painter.runner.pipe
+    assert pipe.unet._compiled_call_impl is not None and pipe.vae.decoder._compiled_call_impl is not None
+    assert counter.frame_count >= 2  # unet and decoder went through dynamo
+    assert torch.equal(compiled, eager)  # the eager backend runs the captured graphs as they are
+    frames = counter.frame_count
+    assert compile_pipeline(pipe, {"backend": counter}) == []  # already compiled: nothing again
+    torch.testing.assert_close(_run(painter), eager, rtol=0, atol=0)
+    assert counter.frame_count == frames  # same size again: no recompilation
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager_within_tolerance(tiny_inpaint_dir):
+    options = {"num_inference_steps": 2}
+    eager = _run(Inpainter("sd", tiny_inpaint_dir, device="cpu", options=options))
+    compiled = _run(Inpainter("sd", tiny_inpaint_dir, device="cpu", options=options, compile=True))
+    assert (compiled - eager).abs().max() <= COMPILE_TOLERANCE
+
+
+class _Bias(AttentionControl):
+    """A control with a Python gate; when active, a zero additive score bias (recomputes the layer on SDPA)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def active(self, layer, state):
+        return self.on
+
+    def score_bias(self, call):
+        return torch.zeros((), device=call.query.device)
+
+
+def _unet_call(unet, size):
+    x = torch.randn(2, 9, size, size)
+    return lambda: unet(x, 10, encoder_hidden_states=torch.randn(2, 77, 32)).sample
+
+
+def test_inactive_controls_cause_no_graph_break_and_active_ones_recompile_once_per_size():
+    unet = tiny_unet().eval()
+    with torch.no_grad():
+        ctl = AttentionController(unet)
+        ctl.add(_Bias(False), ctl.layers.select(kind="self"))
+        with ctl:
+            x = torch.randn(2, 9, 8, 8)
+            explained = torch._dynamo.explain(unet)(x, 10, encoder_hidden_states=torch.randn(2, 77, 32))
+        assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+        assert explained.graph_count == 1
+
+        counter = CompileCounter()
+        unet.compile(backend=counter)
+        for size in (8, 8, 16, 16):  # a new controller per generation, as every method does
+            ctl = AttentionController(unet)
+            ctl.add(_Bias(True), ctl.layers.select(kind="self"))
+            with ctl:
+                _unet_call(unet, size)()
+        assert counter.frame_count <= 2, counter.frame_count  # at most once per resolution
+
+
+def test_stage_module_compile_compiles_its_parts_in_place_at_setup():
+    from trainers.mae import MAEModule
+
+    TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                    decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
+
+    module = MAEModule(model=TINY_MAE, compile=True)
+    keys = list(module.state_dict())
+    module.setup("fit")
+    parts = module.compiled_parts()
+    assert parts and all(part._compiled_call_impl is not None for part in parts)
+    assert list(module.state_dict()) == keys  # checkpoints and exports keep their parameter names
+
+    counter = CompileCounter()
+    eager = MAEModule(model=TINY_MAE)
+    eager.load_state_dict(module.state_dict())
+    for part in parts:  # a capture-only backend: the traced step must equal the eager one
+        part.compile(backend=counter)
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    out = module.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
+    ref = eager.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
+    assert counter.frame_count >= 1 and torch.equal(out, ref)
