@@ -217,7 +217,7 @@ def _add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
                                    f"astronaut photograph ({DEMO_SIZE} px) with a generated mask")
     p.add_argument("--mask", help="mask file (white = hole, threshold 128) or folder of masks matched to images by "
                                   "file stem; one mask file applies to every image of a folder")
-    p.add_argument("--out", help="output file (.png/.jpg/...) or folder (default: outputs/; outputs/demo for the "
+    p.add_argument("--out", help="output file (.png/.jpg/...) or folder (default: outputs/; outputs/demo/METHOD for the "
                                  "demo); folder outputs are <stem>.png")
     p.add_argument("--method", default="sd", help="inference method (default: sd); see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
@@ -341,7 +341,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
             raise CommandError("--device cuda: no CUDA device is available; use --device cpu")
     painter = Inpainter(**request, device=args.device, sr=args.sr)  # options checked here, nothing loaded yet
     pairs = _pairs(args)
-    out = Path(args.out or ("outputs/demo" if demo else "outputs"))
+    out = Path(args.out or (f"outputs/demo/{args.method}" if demo else "outputs"))  # one demo folder per method
     single = demo or not Path(args.image).is_dir()
     targets = [_out_path(out, stem, single) for stem, _, _ in pairs]
     check_output_clashes(pairs, targets)
@@ -356,8 +356,10 @@ def _run_inpaint(args: argparse.Namespace) -> int:
                                                    disable=len(pairs) == 1):
         try:
             image, mask = prepare_inputs(  # compact: 8-bit images stay uint8, only the processed crop is float
-                load_image(image_in, name=f"--image {stem}", max_pixels=args.max_pixels, compact=True),
-                load_mask(mask_in, name=f"--mask {stem}", max_pixels=args.max_pixels, compact=True), compact=True)
+                load_image(image_in, name=f"--image {_shown(image_in, stem)}", max_pixels=args.max_pixels,
+                           compact=True),
+                load_mask(mask_in, name=f"--mask {_shown(mask_in, stem)}", max_pixels=args.max_pixels, compact=True),
+                compact=True)
         except InputError as err:  # an unreadable input: the others still run (unless --fail-fast or only one)
             if args.fail_fast or len(pairs) == 1:
                 raise
@@ -424,6 +426,11 @@ def _pil_format(target: Path) -> str:
     if fmt is None:
         raise CommandError(f"--out: cannot tell the image format of {target.name}; use .png, .jpg, .webp, .tif")
     return fmt
+
+
+def _shown(source, stem: str) -> str:
+    """How messages name an input: its file name (a mask file serving a folder is named as itself), else the stem."""
+    return source.name if isinstance(source, Path) else stem
 
 
 INPAINT = Subcommand("inpaint", "inpaint an image or a folder (no --image: demo on a bundled photograph)",

@@ -94,7 +94,7 @@ def test_soft_mask_warns_in_one_line(files, tmp_path, capsys):
     code, _, err = _run(capsys, "inpaint", "--image", files / "images" / "cat.png", "--mask", tmp_path / "soft.png",
                         "--out", tmp_path / "o.png")
     assert code == 0 and err.strip().splitlines() == [
-        "asuka inpaint: warning: --mask cat: soft mask (values other than 0/1 or 0/255) binarized at 0.5 (>= 128 for "
+        "asuka inpaint: warning: --mask soft.png: soft mask (values other than 0/1 or 0/255) binarized at 0.5 (>= 128 for "
         "uint8) - pass a binary mask to silence this"]
 
 
@@ -185,8 +185,8 @@ def test_demo_default_in_subprocess(tmp_path):
     """``asuka inpaint`` with no input: scikit-image's astronaut, a generated mask, the tiny pipeline (cached)."""
     proc = _subprocess(["inpaint", *FAST], tmp_path, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "outputs" / "demo"
-    assert "wrote outputs/demo/astronaut.png" in proc.stdout
+    out = tmp_path / "outputs" / "demo" / "sd"
+    assert "wrote outputs/demo/sd/astronaut.png" in proc.stdout
     assert (tmp_path / "cache" / "tiny-sd-inpaint" / "model_index.json").is_file()
     assert _known_equal(out / "astronaut.png", out / "astronaut_input.png", out / "astronaut_mask.png")
     assert Image.open(out / "astronaut.png").size == (256, 256)

@@ -357,5 +357,5 @@ def test_clip_score_hole_region_ignores_known_pixels(tmp_path):
     assert torch.allclose(scorer(a, b_same_hole, mask), torch.full((2,), 100.0, dtype=torch.float64), atol=1e-3)
     with pytest.raises(ValueError, match="mask"):
         scorer(a, b)
-    with pytest.raises(FileNotFoundError, match="--clip-model"):
+    with pytest.raises(FileNotFoundError, match="clip_model"):
         CLIPScore(tmp_path / "missing")
