@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -288,7 +289,10 @@ def train(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
                                   enable_model_summary=False, limit_val_batches=0, callbacks=[times],
                                   default_root_dir=tmp)
                 try:
-                    with PeakMemory(device) as peak:
+                    with PeakMemory(device) as peak, warnings.catch_warnings():
+                        # frozen parts are in eval mode on purpose; validation is not part of the measurement
+                        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                        warnings.filterwarnings("ignore", message=r".*no `val_dataloader`")
                         trainer.fit(case["make"](gc), datamodule=_datamodule(batch, size, batch * steps))
                     step = statistics.median(times.times[args.train_warmup:])
                     entry.update(step_s=round(step, 4), samples_per_s=round(batch / step, 2), peak_mib=_mib(peak.peak))
