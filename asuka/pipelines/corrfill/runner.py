@@ -3,7 +3,6 @@ a Paint-by-Example folder and runs :mod:`asuka.pipelines.corrfill.pipelines` wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +45,6 @@ def load_prompt_embeds(path: str | Path, field: str, width: int) -> torch.Tensor
     if value.shape[0] != 1:
         raise InputError(f"{path} holds {value.shape[0]} prompts; pass one", field)
     return value
-
-
-def _pipeline_class_name(model: str | Path) -> str:
-    """``_class_name`` of a pipeline folder's ``model_index.json`` (hub ids: read through diffusers)."""
-    resolved = resolve_model(model)
-    index = Path(resolved) / "model_index.json"
-    if index.is_file():
-        return json.loads(index.read_text()).get("_class_name", "")
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.load_config(resolved).get("_class_name", "")
 
 
 def load_paint_by_example(model: str | Path, dtype: torch.dtype, vae: Any = None):
@@ -194,7 +182,9 @@ def build(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: A
     inpainting folder the SD runner. ``vae`` replaces the VAE."""
     from asuka.pipelines.corrfill.pipelines import CorrFillInpaintPipeline
 
-    if _pipeline_class_name(model) == "PaintByExamplePipeline":
+    from asuka.weights import config_class_name
+
+    if config_class_name(resolve_model(model), field="model", config="model_index.json") == "PaintByExamplePipeline":
         return CorrFillRunner(load_paint_by_example(model, dtype, vae).to(device), paint_by_example=True)
     overrides = {} if vae is None else {"vae": vae.to(dtype)}
     pipe = load_pipeline(CorrFillInpaintPipeline, model, dtype, safety_checker=None, requires_safety_checker=False,
