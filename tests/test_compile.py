@@ -122,3 +122,16 @@ def test_stage_module_compile_compiles_its_parts_in_place_at_setup():
     out = module.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
     ref = eager.model.forward_train(x, mask, generator=torch.Generator().manual_seed(0))["loss"]
     assert counter.frame_count >= 1 and torch.equal(out, ref)
+
+
+def test_compile_flag_reaches_inpainter_and_evaluate_requests():
+    from asuka.cli import build_parser, method_requests
+    from asuka.evaluation.runner import MethodRun
+
+    parser, _ = build_parser()
+    [request], _ = method_requests(parser.parse_args(["inpaint", "--compile"]), ["sd"])
+    assert request["compile"] is True and Inpainter(**request).compile is True
+    [request], _ = method_requests(parser.parse_args(["inpaint"]), ["sd"])
+    assert request["compile"] is False
+    args = parser.parse_args(["evaluate", "--compile", "--method", "sd", "--data", "d", "--out", "o"])
+    assert MethodRun(**method_requests(args, ["sd"])[0][0]).compile is True
