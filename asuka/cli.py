@@ -490,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.showwarning = one_line_warning  # restored on exit
+        warnings.simplefilter("default", UserWarning)  # the command reports user warnings whatever the caller's filters
         try:
             return commands[args.command].run(args) or 0
         except (InputError, CommandError, FileNotFoundError, OSError) as err:

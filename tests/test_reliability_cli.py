@@ -60,12 +60,12 @@ def test_bad_files_are_reported_and_the_rest_written(tmp_path, capsys):
     assert code == 1
     assert "wrote 1 of 3 images" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # and no temporary file
-    assert err[0].startswith("asuka inpaint: failed: b: --image b: cannot read") and "truncated" in err[0]
-    assert err[1].startswith("asuka inpaint: failed: c: --image c:") and "30000×30000" in err[1]
+    assert err[0].startswith("asuka inpaint: failed: b: --image b.png: cannot read") and "truncated" in err[0]
+    assert err[1].startswith("asuka inpaint: failed: c: --image c.png:") and "30000×30000" in err[1]
     assert err[2] == "asuka inpaint: error: 2 of 3 images failed (listed above)"
 
     code, out, err = _run(capsys, "--image", images, "--mask", masks, "--out", tmp_path / "out2", "--fail-fast")
-    assert code == 1 and len(err) == 1 and err[0].startswith("asuka inpaint: error: --image b: cannot read")
+    assert code == 1 and len(err) == 1 and err[0].startswith("asuka inpaint: error: --image b.png: cannot read")
     code, out, err = _run(capsys, "--image", images / "c.png", "--mask", masks / "c.png", "--out",
                           tmp_path / "c.png", "--max-pixels", str(10**9))  # a raised limit passes the header check
     assert code == 1 and len(err) == 1 and "30000×30000" not in err[0]  # one input: its own one-line error

@@ -89,7 +89,7 @@ def test_patchgan_layout_and_init():
     assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) == 3
     assert d(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)  # pix2pix 70x70 PatchGAN
-    assert abs(float(convs[1].weight.std()) - 0.02) < 0.002
+    assert abs(float(convs[1].weight.detach().std()) - 0.02) < 0.002
 
 
 def test_perceptual_loss_is_differentiable_and_frozen():

@@ -47,6 +47,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainers.checks import check_positive_ints
+from trainers.console import quiet_lightning
 from trainers.schedules import effective_batch_size, warmup_cosine_factor
 
 __all__ = [
@@ -96,6 +97,7 @@ class StageModule(LightningModule):
 
     def __init__(self, *, max_consecutive_nonfinite: int = 20, compile: bool = False) -> None:
         super().__init__()
+        quiet_lightning()  # frozen parts are in eval mode on purpose: Lightning's note about it is not actionable
         check_positive_ints(max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.compile_modules = compile  # torch.compile the compiled_parts() in setup('fit'), after loading

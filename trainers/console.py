@@ -1,6 +1,7 @@
 """What ``python -m trainers.*`` prints: one screen a person can act on.
 
-* :func:`quiet_lightning` drops messages nobody running these commands can act on: Lightning's product tips, its own
+* :func:`quiet_lightning` (installed by ``python -m trainers.*`` and by every stage module, whose frozen parts are in
+  eval mode on purpose) drops messages nobody running these commands can act on: Lightning's product tips, its own
   deprecation warnings from ``torch.utils._pytree``, the "modules in eval mode" warning (the frozen UNet, VAE, MAE and
   LPIPS are in eval mode on purpose), the manual-optimisation note of ``ModelCheckpoint`` (the decoder's two
   optimisers step once per iteration each, which our ``max_steps`` already counts), the TPU line and the
@@ -28,6 +29,7 @@ _SILENT_WARNINGS = (
     r"ModelCheckpoint\(.*\) is being used with manual optimization",
     r"The `srun` command is available on your system but is not used",
     r"LightningCLI's args parameter is intended to run from within Python",  # fit passes the demo config that way
+    r"Checkpoint directory .* exists and is not empty",  # resuming into the run's folder; fresh runs are refused there
 )
 
 
