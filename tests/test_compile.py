@@ -62,7 +62,10 @@ def test_inductor_matches_eager_within_tolerance(tiny_inpaint_dir):
 
 
 class _Bias(AttentionControl):
-    """A control with a Python gate; when active, a zero additive score bias (recomputes the layer on SDPA)."""
+    """A control with a Python gate; when active, a zero additive score bias (recomputes the layer on SDPA). It
+    asks for the block input (as HD-Painter's PAIntA does), so the transformer-block pre-hook is traced too."""
+
+    needs_block_input = True
 
     def __init__(self, on: bool):
         self.on = on

@@ -110,13 +110,20 @@ class AttentionController:
 
 def _block_input_recorder(layer: AttentionLayer):
     """Forward pre-hook on a transformer block: hands its inputs to the layer's controlled processor."""
-    signature = inspect.signature(layer.transformer_block.forward)
+    names = list(inspect.signature(layer.transformer_block.forward).parameters)
+    # positions found once here: Signature.bind_partial at call time is a torch.compile graph break (dynamo cannot
+    # trace inspect's mappingproxy use), which made dynamo skip the whole UNet frame
+
+    def argument(args, kwargs, name):
+        if name in kwargs:
+            return kwargs[name]
+        index = names.index(name) if name in names else len(args)
+        return args[index] if index < len(args) else None
 
     def record(block, args, kwargs):
         processor = layer.module.processor
         if isinstance(processor, ControlledAttnProcessor):
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            processor.block_input = bound.get("hidden_states")
-            processor.block_encoder_hidden_states = bound.get("encoder_hidden_states")
+            processor.block_input = argument(args, kwargs, "hidden_states")
+            processor.block_encoder_hidden_states = argument(args, kwargs, "encoder_hidden_states")
 
     return record
