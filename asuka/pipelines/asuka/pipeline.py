@@ -42,10 +42,9 @@ from asuka.models.tiny import expand_tiny
 from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
-from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, unet_input
+from asuka.pipelines._sampling import Step, check_callback_inputs, decode, denoise, finish, unet_input
 from asuka.weights import load_autoencoder, resolve_pretrained
-from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
-from asuka.tensors import paste_back as paste_known_pixels
+from asuka.tensors import pad_to_multiple, resize_image, resize_mask
 
 _SD = StableDiffusionInpaintPipeline
 
@@ -213,11 +212,8 @@ class AsukaInpaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             result = latents
         else:
             decoded = decode(self.vae, latents, image=init_image, mask=mask_condition, generator=generator)
-            if paste_back:
-                decoded = paste_known_pixels(decoded.float(), init_image.to(decoded.device), mask_condition.to(decoded.device))
-            decoded = crop_padding(decoded, pad)
-            result = self.image_processor.postprocess(decoded, output_type=output_type,
-                                                      do_denormalize=[True] * batch_size)
+            result = finish(self, decoded, image=init_image, mask=mask_condition, paste_back=paste_back,
+                            output_type=output_type, pad=pad)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)

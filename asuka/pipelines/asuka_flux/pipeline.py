@@ -52,8 +52,8 @@ from asuka.errors import InputError
 from asuka.pipelines._common import prepare_inputs
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
 from asuka.pipelines._sampling import decode as decode_latents
-from asuka.tensors import crop_padding, pad_to_multiple, resize_image, resize_mask
-from asuka.tensors import paste_back as paste_known_pixels
+from asuka.pipelines._sampling import finish
+from asuka.tensors import pad_to_multiple, resize_image, resize_mask
 
 _FILL = FluxFillPipeline
 
@@ -314,11 +314,8 @@ class AsukaFluxFillPipeline(DiffusionPipeline):
             result = latents
         else:
             decoded = self.decode(latents, init_image, mask, height, width)
-            if paste_back:
-                decoded = paste_known_pixels(decoded.float(), init_image.to(decoded.device), mask.to(decoded.device))
-            decoded = crop_padding(decoded, pad)
-            result = self.image_processor.postprocess(decoded, output_type=output_type,
-                                                      do_denormalize=[True] * batch_size)
+            result = finish(self, decoded, image=init_image, mask=mask, paste_back=paste_back,
+                            output_type=output_type, pad=pad)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
