@@ -327,3 +327,4 @@ def test_the_allow_list_is_every_stage_class_of_the_trainers_package():
     assert {"trainers.mae.MAEModule", "trainers.aligner.AlignerModule", "trainers.decoder.DecoderModule"} <= set(allowed)
     assert all(issubclass(cls, StageModule) for cls in allowed.values())
     assert "os.system" not in allowed and "trainers.base.StageModule" not in allowed
+    assert "trainers.alignment.AlignmentStage" not in allowed  # abstract: shared by the two aligner stages
