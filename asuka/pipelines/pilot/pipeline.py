@@ -52,10 +52,10 @@ from asuka.pipelines._sampling import (
     check_callback_inputs,
     decode,
     denoise,
+    finish,
 )
 from asuka.errors import InputError
 from asuka.pipelines._common import load_image, prepare_inputs
-from asuka.tensors import paste_back as paste_known_pixels
 from asuka.tensors import resize_image
 from asuka.pipelines.pilot.controls import (
     GRADIENT_PHASE,
@@ -336,9 +336,7 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         else:
             pixels = torch.cat([decode(self.vae, latents[i:i + 1].to(self.vae.dtype), image=image[i:i + 1].to(device),
                                        mask=hole[i:i + 1].to(device)) for i in range(batch)]).float()
-            if paste_back:
-                pixels = paste_known_pixels(pixels, image.to(pixels.device), hole.to(pixels.device))
-            result = self.image_processor.postprocess(pixels, output_type=output_type, do_denormalize=[True] * batch)
+            result = finish(self, pixels, image=image, mask=hole, paste_back=paste_back, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
