@@ -56,3 +56,13 @@ def files(tmp_path_factory):
     Image.fromarray(mask).save(root / "photo_mask.png")
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "control.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def mae_dir(tmp_path_factory):
+    """A tiny seeded ``MAEPrior`` save_pretrained folder (256 tokens of 32-d features), the aligner trainers' MAE."""
+    from asuka.models.mae import MAEPrior
+
+    path = tmp_path_factory.mktemp("mae")
+    MAEPrior.tiny().save_pretrained(path)
+    return path
