@@ -35,6 +35,23 @@ def pipe():
     return pipe
 
 
+@pytest.fixture
+def tiny_one_level_pipe():
+    """A CorrFill pipeline whose UNet has one resolution level (self-attention layers 0-3)."""
+    from diffusers import UNet2DConditionModel
+
+    from asuka.models.tiny import TINY_CROSS_ATTENTION_DIM, seeded
+
+    with seeded(0):
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32,), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+            cross_attention_dim=TINY_CROSS_ATTENTION_DIM, attention_head_dim=8, norm_num_groups=8).eval()
+    pipe = CorrFillInpaintPipeline(**{**tiny_sd_components(), "unet": unet}, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def inputs(batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     reference = torch.rand(batch, 3, SIZE, SIZE, generator=g) * 2 - 1
@@ -212,3 +229,27 @@ def test_runs_under_inference_mode(pipe):
     with torch.inference_mode():
         got = run(pipe, FULL, ref, img, mask)
     assert torch.equal(got, run(pipe, FULL, ref, img, mask))
+
+
+def test_compiled_unet_keeps_one_graph_per_kind_of_pass(tiny_one_level_pipe):
+    """torch.compile (dynamo with a counting eager backend: graph capture without code generation) of the UNet: the
+    gradient pass and the masked main pass are one graph each at a resolution, whatever the number of steps (the
+    controls gate on a per-pass flag, never on the step index, and the state's dicts do not change shape during a
+    pass); a second generation at the same size compiles nothing; the result is eager's bit for bit. A one-level
+    UNet (4 self-attention layers, all voting) keeps the tracing short."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    pipe = tiny_one_level_pipe
+    ref, img, mask = inputs()
+    config = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS, vote_layers=(0, 1, 2, 3))
+    eager = run(pipe, config, ref, img, mask)
+    counter = CompileCounter()
+    pipe.unet.compile(backend=counter)
+    try:
+        assert torch.equal(run(pipe, config, ref, img, mask), eager)
+        assert counter.frame_count == 2  # 3 gradient passes + 3 main passes
+        assert torch.equal(run(pipe, config, ref, img, mask), eager)
+        assert counter.frame_count == 2
+    finally:
+        torch._dynamo.reset()
