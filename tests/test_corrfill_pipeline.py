@@ -253,3 +253,15 @@ def test_compiled_unet_keeps_one_graph_per_kind_of_pass(tiny_one_level_pipe):
         assert counter.frame_count == 2
     finally:
         torch._dynamo.reset()
+
+
+def test_gradient_checkpointing_in_the_unet_changes_nothing(pipe):
+    """diffusers checkpoints whenever autograd is on, so the gradient pass's backward re-runs the self-attention
+    layers: they must not vote or collect maps again (the official code's diffusers 0.21 did not checkpoint in eval)."""
+    ref, img, mask = inputs()
+    expected = run(pipe, FULL, ref, img, mask)
+    pipe.unet.enable_gradient_checkpointing()
+    try:
+        assert torch.equal(run(pipe, FULL, ref, img, mask), expected)
+    finally:
+        pipe.unet.disable_gradient_checkpointing()

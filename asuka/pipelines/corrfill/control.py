@@ -37,6 +37,7 @@ class CorrFillState:
         self.phase = OFF
         self.step = 0  # the loop's step index (bookkeeping: nothing reads it inside a UNet pass)
         self.masking = False  # this pass adds the Eq. 3-4 mask (set per pass by the loop: a bool, not a step count)
+        self.replaying = False  # backward of the gradient pass: checkpointed layers run again and must not vote
         self.collected: list[torch.Tensor] = []
         self._rows = _target_rows_per_side(side, device)  # read-only during a pass (torch.compile guards stay fixed)
         self._masks: dict[int, torch.Tensor] = {}
@@ -141,6 +142,8 @@ class MatchReader(AttentionControl):
 
     def on_read(self, call, maps: torch.Tensor) -> None:
         s = self.state
+        if s.replaying:  # gradient checkpointing recomputes the layer in backward: it was counted in forward
+            return
         tar2ref = _tar2ref(maps)
         if self._votes(call.layer) and (s.phase == MAIN or s.config.vote_in_grad_pass):
             s.vote(tar2ref)
