@@ -27,15 +27,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 
 from asuka.attention import AttentionController, TokenMasks
 from asuka.errors import InputError
-from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient,
-                                       unet_input)
+from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, finish,
+                                       latent_gradient, unet_input)
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER, maps_by_grid, steer_store
 from asuka.pipelines.harmonpaint.diagnostics import DiagnosticsRecorder
 from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid
 from asuka.pipelines.harmonpaint.schedule import plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask, steer_loss, steer_step_sizes
-from asuka.tensors import paste_back
 
 
 class _StopForward(Exception):
@@ -87,7 +86,7 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
     Load it like diffusers' pipeline (``HarmonPaintPipeline.from_pretrained(folder_or_hub_id)``, ``vae=`` any
     ``AutoencoderKL`` or ``AsymmetricAutoencoderKL`` such as asuka's ``HarmonizingDecoderKL``) and call it like
     ``StableDiffusionInpaintPipeline`` (the paper: 50 DDIM steps, guidance 7.5) with HarmonPaint's options as keywords
-    (:class:`~asuka.pipelines.harmonpaint.config.HarmonPaintConfig`), plus ``paste_unmasked`` (copy the known pixels
+    (:class:`~asuka.pipelines.harmonpaint.config.HarmonPaintConfig`), plus ``paste_back`` (copy the known pixels
     of the input into the output; off, as in the paper).
     """
 
@@ -100,7 +99,7 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, paste_unmasked: bool = False,
+                 output_type: str = "pil", return_dict: bool = True, paste_back: bool = False,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
                  **options: Any):
@@ -193,10 +192,8 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
             images = latents
         else:
             decoded = decode(self.vae, latents, image=init_image, mask=mask_condition, generator=generator)
-            if paste_unmasked:
-                decoded = paste_back(decoded, init_image.to(decoded), mask_condition)
-            images = self.image_processor.postprocess(decoded, output_type=output_type,
-                                                      do_denormalize=[True] * decoded.shape[0])
+            images = finish(self, decoded, image=init_image, mask=mask_condition, paste_back=paste_back,
+                            output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, None
