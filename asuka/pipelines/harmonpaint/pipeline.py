@@ -10,8 +10,18 @@ Per step ``i`` at timestep ``t`` (paper §IV, Fig. 4; the loop is :func:`asuka.p
    ``StableDiffusionInpaintPipeline`` does them.
 
 With ``use_sams=use_steer=use_makvs=False`` no control is installed and the output equals diffusers' pipeline bit
-for bit. The steer pass stops the U-Net right after the last cross-attention layer it reads (its later layers
-cannot change the loss), which saves the rest of that forward pass and its backward pass.
+for bit.
+
+Cost. The steer pass is an extra U-Net pass and none of it is reused for ε: the paper extracts the maps with "a
+denoising process" at each timestep (§IV-A) and the loss "refines the noise map" (Appendix B), i.e. the latent is
+updated *before* the step's noise prediction, as in the Attend-and-Excite / Predicated-Diffusion code the loss comes
+from (gradient pass at ``z_t``, update, then the CFG pass at the updated ``z_t``). Every activation depends on the
+latent the update changes (only the prompt's cross-attention keys and values do not, a negligible share). What the
+pass does need is cut to the minimum: the conditional half only (batch 1, not the CFG batch); the U-Net stops right
+after the last cross-attention layer the loss reads (``up_blocks.2`` at latent/2; the later layers cannot change the
+loss), so neither the rest of the forward pass nor its backward pass runs; the backward pass computes no parameter
+gradients (the U-Net is frozen) and reaches the latent only; SAMS and MAKVS run on SDPA (no N x N map); the phase and
+step sizes are host numbers planned before the loop (no host sync per step).
 """
 
 from __future__ import annotations
