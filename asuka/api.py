@@ -163,11 +163,8 @@ def _check_image_input(value: Any, role: str, stem: str, aligned: bool, size: tu
         if not path.is_file():
             raise InputFileNotFoundError(f"not found: {path} (for {stem})", f"inputs.{role}")
         if aligned and size is not None:
-            from PIL import Image
-
             try:
-                with Image.open(path) as img:
-                    own = img.size
+                own = image_size(path)  # as loaded (EXIF orientation applied), as the image's own size is read
             except OSError as err:
                 raise InputError(f"cannot read {path} as an image ({err})", f"inputs.{role}") from None
             if tuple(own) != tuple(size):

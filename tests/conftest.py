@@ -39,3 +39,30 @@ def tiny_flux_fill_dir(tmp_path_factory):
     from asuka.models.tiny_flux import save_tiny_flux_fill
 
     return save_tiny_flux_fill(tmp_path_factory.mktemp("tiny-flux-fill"))
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    """The method tests' input files: a 64×64 random ``photo.png``, its ``photo_mask.png`` (one rectangular hole,
+    white = hole) and a random ``control.png`` (a condition image). Modules with another layout define their own."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("method-files")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 20:44] = 255
+    Image.fromarray(mask).save(root / "photo_mask.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "control.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mae_dir(tmp_path_factory):
+    """A tiny seeded ``MAEPrior`` save_pretrained folder (256 tokens of 32-d features), the aligner trainers' MAE."""
+    from asuka.models.mae import MAEPrior
+
+    path = tmp_path_factory.mktemp("mae")
+    MAEPrior.tiny().save_pretrained(path)
+    return path

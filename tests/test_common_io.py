@@ -12,7 +12,8 @@ from PIL import Image
 
 from asuka.errors import InputError, InputFileNotFoundError
 from asuka.pipelines._common import (
-    SoftMaskWarning, list_image_files, load_image, load_mask, mask_to_pil, prepare_inputs, run_inpainting, to_pil,
+    SoftMaskWarning, list_image_files, load_image, load_mask, mask_to_pil, per_image, prepare_inputs, run_inpainting,
+    to_pil,
 )
 from asuka.pipelines._hd import HDStrategy, crop_region, expand_box, hole_bbox, resize_target
 from asuka.tensors import MASK_THRESHOLD, crop_padding, pad_to_multiple, paste_back, resize_mask, to_numpy_uint8
@@ -287,6 +288,15 @@ def test_batch_broadcast_and_mismatch(photo, hole):
         prepare_inputs([photo, photo[:-1]], hole)
     with pytest.raises(InputError, match="empty list"):
         prepare_inputs([], hole)
+
+
+def test_per_image_prompts():
+    assert per_image("a cat", 3, "prompt") == ["a cat"] * 3
+    assert per_image(["a cat"], 2, "prompt") == ["a cat"] * 2
+    assert per_image(("a", "b"), 2, "prompt") == ["a", "b"]
+    with pytest.raises(InputError, match="2 prompts for 3 images; pass one prompt or one per image") as err:
+        per_image(["a", "b"], 3, "negative_prompt")
+    assert err.value.field == "negative_prompt"
 
 
 def test_pad_to_multiple_round_trip(photo, hole):

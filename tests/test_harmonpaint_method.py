@@ -7,7 +7,6 @@ import inspect
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,17 +15,6 @@ from asuka.pipelines._registry import get_method
 
 SIZE = 64
 FAST = {"num_inference_steps": 3}  # t = 667 (structure phase), 334, 1 (style phase)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("harmonpaint-files")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "photo.png")
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[8:48, 16:56] = 255
-    Image.fromarray(mask).save(root / "photo_mask.png")
-    return root
 
 
 def test_declarations_presets_and_signature_defaults_agree():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,18 +15,6 @@ from pilot_support import one_thread, sd_dir  # noqa: F401  (fixtures)
 
 SIZE = 64
 FAST = {"num_inference_steps": 2, "op_interval": 1, "num_gradient_ops": 1}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pilot-files")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "photo.png")
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[16:48, 20:44] = 255
-    Image.fromarray(mask).save(root / "photo_mask.png")
-    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "control.png")
-    return root
 
 
 @pytest.fixture(scope="module")

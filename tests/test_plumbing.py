@@ -236,6 +236,22 @@ def test_per_stem_inputs_fail_before_loading(recorder, folder, tmp_path, capsys,
     assert not weights
 
 
+def test_aligned_inputs_are_compared_as_loaded_with_exif_orientation(tmp_path):
+    """The size check of an aligned input reads the size the loader will give (EXIF rotation applied), as the
+    image's own size is read."""
+    from asuka.pipelines._common import load_image
+
+    spec = MethodSpec(inputs=[Input("control_image", "image", "control", aligned=True)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 32 wide and 40 high, shown rotated by 90 degrees: 40 wide and 32 high
+    Image.new("RGB", (32, 40)).save(tmp_path / "a.jpg", exif=exif)
+    assert tuple(load_image(tmp_path / "a.jpg").shape[-2:]) == (32, 40)
+    given = {"control_image": tmp_path / "a.jpg"}
+    assert per_stem_inputs(spec, ["a"], given, sizes={"a": (40, 32)}) == {"a": given}
+    with pytest.raises(InputError, match="is 40x32 but image a is 32x40"):
+        per_stem_inputs(spec, ["a"], given, sizes={"a": (32, 40)})
+
+
 def test_required_inputs_and_text_tables(folder):
     spec = MethodSpec(inputs=[Input("reference", "image", "exemplar image", required=True)])
     with pytest.raises(InputError, match="this method needs a reference") as err:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -21,12 +20,11 @@ from asuka.data.pipeline import DataStreamError
 from asuka.data.samples import ensure_sample_shards
 from asuka.data.shards import encode_image, write_shards
 from trainers.datamodule import InpaintingDataModule
+from trainer_support import TINY_MAE, mae_fit_config
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
-                decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +33,11 @@ def sample(tmp_path_factory):
 
 
 def _fit_config(folder: Path, sample_root: Path, *, max_steps: int, every: int, callbacks=(), data=None) -> dict:
-    return {
-        "seed_everything": 0,
-        "torch_threads": 1,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False, "limit_val_batches": 0,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(folder),
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(folder / "ckpt"), "every_n_train_steps": every, "save_last": True,
-                               "save_top_k": -1}},
-                {"class_path": "trainers.ema.EMA", "init_args": {"decay": 0.9}},
-                *callbacks,
-            ],
-        },
-        "model": {"class_path": "trainers.mae.MAEModule",
-                  "init_args": {"model": TINY_MAE, "base_lr": 0.02, "warmup_steps": 2, "min_lr": 1e-4}},
-        "data": {"class_path": "trainers.datamodule.InpaintingDataModule",
-                 "init_args": {"train_shards": None, "sample_root": str(sample_root), "resolution": 32,
-                               "batch_size": 4, "num_workers": 2, "epoch_batches": 4, "seed": 3, **(data or {})}},
-    }
+    data = {"class_path": "trainers.datamodule.InpaintingDataModule",
+            "init_args": {"train_shards": None, "sample_root": str(sample_root), "resolution": 32, "batch_size": 4,
+                          "num_workers": 2, "epoch_batches": 4, "seed": 3, **(data or {})}}
+    return {**mae_fit_config(folder, max_steps=max_steps, every=every, data=data, callbacks=callbacks),
+            "torch_threads": 1}
 
 
 def _fit(tmp_path: Path, name: str, config: dict, *args: str, env=None) -> subprocess.CompletedProcess:
@@ -327,3 +310,4 @@ def test_the_allow_list_is_every_stage_class_of_the_trainers_package():
     assert {"trainers.mae.MAEModule", "trainers.aligner.AlignerModule", "trainers.decoder.DecoderModule"} <= set(allowed)
     assert all(issubclass(cls, StageModule) for cls in allowed.values())
     assert "os.system" not in allowed and "trainers.base.StageModule" not in allowed
+    assert "trainers.alignment.AlignmentStage" not in allowed  # abstract: shared by the two aligner stages

@@ -12,19 +12,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from asuka.models.aligner import PriorAligner
-from asuka.models.mae import MAEPrior
 from trainers.aligner import AlignerModule, reconstructed_prior_probability, swap_to_reconstructed
 from trainers.export import export_checkpoint
 from trainer_support import PhotoDataModule
 
 TINY_ALIGNER = dict(in_dim=32, cross_attention_dim=32, head_dim=16, num_blocks=2)
-
-
-@pytest.fixture(scope="module")
-def mae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mae")
-    MAEPrior.tiny().save_pretrained(path)
-    return path
 
 
 def _module(mae_dir, sd_dir, **kwargs) -> AlignerModule:

@@ -12,19 +12,11 @@ from diffusers import FluxFillPipeline
 from lightning.pytorch import Trainer
 
 from asuka.models.flux_aligner import FluxPriorAligner
-from asuka.models.mae import MAEPrior
 from trainers.aligner_flux import FluxAlignerModule, drop_to_null, flow_matching_sigmas
 from trainers.export import export_checkpoint
 from trainer_support import PhotoDataModule
 
 TINY_HEADS = dict(in_dim=32, pooled_dim=64, text_dim=128, null_tokens=256, num_blocks=1, head_dim=64)
-
-
-@pytest.fixture(scope="module")
-def mae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mae")
-    MAEPrior.tiny().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,8 @@ from trainers.callbacks import image_grid
 from trainers.ema import EMA
 from trainers.export import export_checkpoint, load_stage_module
 from trainers.mae import MAEModule
-from trainer_support import PhotoDataModule
+from trainer_support import TINY_MAE, PhotoDataModule
 
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
-                decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
 
 
 class EncoderDecoder(ModelMixin, ConfigMixin):

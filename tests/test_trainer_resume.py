@@ -20,10 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from trainers.ema import EMA
 from trainers.mae import MAEModule
-from trainer_support import PhotoDataModule
+from trainer_support import TINY_MAE, PhotoDataModule, mae_fit_config
 
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
-                decoder_depth=2, decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
 
 
 class LossRecorder(Callback):
@@ -110,25 +108,10 @@ def test_cli_resume_after_sigkill_reproduces_the_losses(tmp_path):
 
     def fit(run: str, *callbacks: dict, ckpt_path: str | None = None) -> subprocess.CompletedProcess:
         folder = tmp_path / run
-        config = {
-            "seed_everything": 0,
-            "trainer": {
-                "accelerator": "cpu", "devices": 1, "max_steps": 2 * n, "logger": False, "limit_val_batches": 0,
-                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(folder),
-                "callbacks": [
-                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                     "init_args": {"dirpath": str(folder / "ckpt"), "every_n_train_steps": n, "save_last": True,
-                                   "save_top_k": -1}},
-                    {"class_path": "trainers.ema.EMA", "init_args": {"decay": 0.9}},
-                    {"class_path": "trainer_support.LossLog", "init_args": {"path": str(tmp_path / f"{run}.txt")}},
-                    *callbacks,
-                ],
-            },
-            "model": {"class_path": "trainers.mae.MAEModule",
-                      "init_args": {"model": TINY_MAE, "base_lr": 0.02, "warmup_steps": 2, "min_lr": 1e-4}},
-            "data": {"class_path": "trainer_support.PhotoDataModule",
-                     "init_args": {"batch_size": 4, "size": 32, "train_samples": 12}},
-        }
+        data = {"class_path": "trainer_support.PhotoDataModule",
+                "init_args": {"batch_size": 4, "size": 32, "train_samples": 12}}
+        log = {"class_path": "trainer_support.LossLog", "init_args": {"path": str(tmp_path / f"{run}.txt")}}
+        config = mae_fit_config(folder, max_steps=2 * n, every=n, data=data, callbacks=[log, *callbacks])
         path = tmp_path / f"{run}-{'resume' if ckpt_path else 'start'}.yaml"
         path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "trainers.fit", "--config", str(path)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,32 @@ from lightning.pytorch import Callback, LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")
+TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
+                decoder_num_heads=2, mlp_ratio=2.0, feature_layer=1)
+"""``MAEModule(model=...)`` of the trainer tests: a 32² MAE with 16-d tokens."""
+
+
+def mae_fit_config(folder: Path, *, max_steps: int, every: int, data: dict[str, Any], callbacks=()) -> dict:
+    """A ``python -m trainers.fit`` config training :data:`TINY_MAE` on the CPU into ``folder``: a checkpoint every
+    ``every`` steps (all kept, and ``last.ckpt``), EMA 0.9, then ``callbacks``; ``data`` is the data module's
+    ``{"class_path": ..., "init_args": ...}``."""
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False, "limit_val_batches": 0,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(folder),
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(folder / "ckpt"), "every_n_train_steps": every, "save_last": True,
+                               "save_top_k": -1}},
+                {"class_path": "trainers.ema.EMA", "init_args": {"decay": 0.9}},
+                *callbacks,
+            ],
+        },
+        "model": {"class_path": "trainers.mae.MAEModule",
+                  "init_args": {"model": TINY_MAE, "base_lr": 0.02, "warmup_steps": 2, "min_lr": 1e-4}},
+        "data": data,
+    }
 
 
 def _photos() -> list[np.ndarray]:

@@ -36,37 +36,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from lightning.pytorch.utilities import rank_zero_info
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
-from trainers.base import StageModule, adamw, warmup_cosine_scheduler
 from asuka.models.tiny import expand_tiny
+from trainers.alignment import AlignmentStage, reconstructed_prior_probability, swap_to_reconstructed
 
 __all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
 
 PAPER_LR = 5e-2
 DEFAULT_SD_INPAINT = "stable-diffusion-v1-5/stable-diffusion-inpainting"
-
-
-def reconstructed_prior_probability(step: int, start: float = 1.0, end: float = 0.1, decay_steps: int = 2000) -> float:
-    """``p`` at optimizer step ``step``: linear from ``start`` to ``end`` over ``decay_steps`` steps, then ``end``."""
-    if decay_steps < 0 or not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-        raise ValueError(f"need decay_steps >= 0 and probabilities in [0, 1], got start={start}, end={end}, "
-                         f"decay_steps={decay_steps}")
-    if decay_steps == 0 or step >= decay_steps:
-        return end
-    return start + (end - start) * max(step, 0) / decay_steps
-
-
-def swap_to_reconstructed(mask: torch.Tensor, p: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The MAE's mask per sample: all-zero (the reconstructed prior) with probability ``p``, else ``mask``.
-
-    ``p``: a number or a 0-d tensor (on ``mask``'s device).
-    """
-    swap = torch.rand(mask.shape[0], generator=generator, device=mask.device) < p
-    return mask * (~swap).view(-1, 1, 1, 1).to(mask.dtype)
 
 
 def sd_inpaint_source(path: str | Path) -> str:
@@ -77,8 +57,10 @@ def sd_inpaint_source(path: str | Path) -> str:
                               what="diffusers SD-inpainting pipeline ('tiny' for the demo one)")
 
 
-class AlignerModule(StageModule):
+class AlignerModule(AlignmentStage):
     """LightningModule training :class:`~asuka.models.aligner.PriorAligner`; exports the ``PriorAligner``.
+
+    Loading, freezing, the steps, the image grid and the optimizer are :class:`trainers.alignment.AlignmentStage`'s.
 
     Args:
         mae: ``MAEPrior`` save_pretrained folder (the fine-tuned prior; frozen).
@@ -95,6 +77,15 @@ class AlignerModule(StageModule):
         seed: seed of the per-step noise, timesteps and swap draws (a resumed run draws what an uninterrupted one
             would).
     """
+
+    denoiser_folder = "unet"
+    denoiser_class = UNet2DConditionModel
+    noise_scheduler_class = DDPMScheduler
+    sample_column = "asuka"
+    describe = ("aligner", "SD-inpainting")
+    unet: UNet2DConditionModel | None
+    noise_scheduler: DDPMScheduler | None
+    aligner: PriorAligner
 
     def __init__(
         self,
@@ -115,51 +106,18 @@ class AlignerModule(StageModule):
         max_consecutive_nonfinite: int = 20,
         compile: bool = False,
     ) -> None:
-        super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite, compile=compile)
+        super().__init__(p_start=p_start, p_end=p_end, p_decay_steps=p_decay_steps, frozen_dtype=frozen_dtype,
+                         val_sampling_steps=val_sampling_steps, max_consecutive_nonfinite=max_consecutive_nonfinite,
+                         compile=compile)
         self.save_hyperparameters()
-        # p per optimizer step up to the end of the decay, on the module's device: indexing it needs no host-to-device
-        # copy per step (logging a Python float does: Lightning makes a device tensor of it, a sync on CUDA).
-        # float64: comparisons cast it exactly as they cast a Python float. Not persistent: derived from hparams.
-        schedule = [reconstructed_prior_probability(step, p_start, p_end, p_decay_steps)
-                    for step in range(max(p_decay_steps, 0) + 1)]  # step 0 validates the arguments
-        self.register_buffer("p_schedule", torch.tensor(schedule, dtype=torch.float64), persistent=False)
-        if frozen_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"frozen_dtype must be 'bfloat16', 'float16', 'float32' or null, got {frozen_dtype!r}")
-        if val_sampling_steps < 1:
-            raise ValueError(f"val_sampling_steps must be >= 1, got {val_sampling_steps}")
         self.aligner = PriorAligner(**(aligner or {}))
-        # Frozen parts, built by load_pretrained (never in checkpoints).
-        self.mae: MAEPrior | None = None
-        self.unet: UNet2DConditionModel | None = None
-        self.vae: AutoencoderKL | None = None
-        self.noise_scheduler: DDPMScheduler | None = None
 
     # ------------------------------------------------------------------ weights
-    def compiled_parts(self) -> list[torch.nn.Module]:
-        """The aligner and the frozen UNet (most of the step's cost)."""
-        return [self.aligner, self.unet]
+    def pretrained_source(self) -> str:
+        return sd_inpaint_source(self.hparams.sd_inpaint)
 
-    def exportable(self) -> PriorAligner:
-        return self.aligner
-
-    def _frozen_dtype(self) -> torch.dtype:
-        name = self.hparams.frozen_dtype
-        if name is None:
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return getattr(torch, name)
-
-    def load_pretrained(self) -> None:
-        hp = self.hparams
-        mae_path = Path(hp.mae).expanduser()
-        if not (mae_path / "config.json").is_file():
-            raise FileNotFoundError(f"mae={hp.mae!r} is not an MAEPrior save_pretrained folder (no config.json); "
-                                    "train it with configs/mae.yaml and pass its export folder")
-        source = sd_inpaint_source(hp.sd_inpaint)
-        dtype = self._frozen_dtype()
-        mae = MAEPrior.from_pretrained(mae_path, torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        cfg = self.aligner.config
+    def check_pretrained(self, mae: MAEPrior, unet: UNet2DConditionModel) -> None:
+        hp, cfg = self.hparams, self.aligner.config
         if mae.feature_dim != cfg.in_dim:
             raise ValueError(f"the MAE at {hp.mae!r} gives {mae.feature_dim}-d features but aligner.in_dim is "
                              f"{cfg.in_dim}; set model.init_args.aligner.in_dim: {mae.feature_dim}")
@@ -169,25 +127,6 @@ class AlignerModule(StageModule):
         if unet.config.in_channels != 9:
             raise ValueError(f"sd_inpaint={hp.sd_inpaint!r} is not an inpainting model (UNet in_channels "
                              f"{unet.config.in_channels}, expected 9)")
-        for module in (mae, unet, vae):
-            module.requires_grad_(False).eval()
-        if hp.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.mae, self.unet, self.vae = mae, unet, vae
-        self.noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-        rank_zero_info(f"aligner: frozen MAE {hp.mae}, SD-inpainting {source} ({dtype}); lr {hp.lr}")
-
-    def train(self, mode: bool = True) -> "AlignerModule":
-        """Only the aligner switches to training mode; the frozen parts stay in eval mode."""
-        super().train(mode)
-        for module in (self.mae, self.unet, self.vae):
-            if module is not None:
-                module.eval()
-        return self
-
-    def _require_frozen(self) -> None:
-        if self.unet is None:
-            raise RuntimeError("frozen parts not loaded: call load_pretrained() (Lightning does in setup('fit'))")
 
     # ------------------------------------------------------------------ loss
     def condition(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -221,27 +160,12 @@ class AlignerModule(StageModule):
                     return_dict=False)[0]
         return F.mse_loss(pred.float(), target.float())
 
-    # ------------------------------------------------------------------ steps
-    def reconstructed_probability(self) -> torch.Tensor:
-        """:func:`reconstructed_prior_probability` at the current optimizer step, a 0-d tensor on the device."""
-        return self.p_schedule[min(self.global_step, self.hparams.p_decay_steps)]
+    def training_loss(self, image: torch.Tensor, mask: torch.Tensor, mae_mask: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        return self.diffusion_loss(image, mask, mae_mask, generator)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, mask = batch["image"], batch["mask"]
-        generator = self.step_generator(batch_idx)
-        p = self.reconstructed_probability()
-        mae_mask = swap_to_reconstructed(mask, p, generator)
-        loss = self.diffusion_loss(image, mask, mae_mask, generator)
-        b = image.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
-        self.log("train/p_reconstructed", p, on_step=True, on_epoch=False, batch_size=b)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        image, mask = batch["image"], batch["mask"]
-        generator = self.validation_generator(batch_idx)
-        loss = self.diffusion_loss(image, mask, mask, generator)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
+    def validation_loss(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.diffusion_loss(image, mask, mask, generator)
 
     def pipeline(self):
         """An :class:`~asuka.pipelines.asuka.AsukaInpaintPipeline` on the current weights (DDIM, SD's VAE decoder)."""
@@ -252,25 +176,3 @@ class AlignerModule(StageModule):
                                     scheduler=DDIMScheduler.from_config(self.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def log_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """input | masked input | MAE prior image | ASUKA sample (``val_sampling_steps`` DDIM steps, paste-back)."""
-        image, mask = batch["image"], batch["mask"]
-        prior = self.mae.prior(image, mask).image
-        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
-        sample = self.pipeline()(image, mask, num_inference_steps=self.hparams.val_sampling_steps,
-                                 generator=generator, output_type="pt").images
-        columns = self.input_columns(batch)
-        if prior is not None:
-            columns["mae_prior"] = prior.float()
-        columns["asuka"] = sample.to(image) * 2 - 1
-        return columns
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = adamw(self.aligner.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = max(self.total_training_steps(), hp.warmup_steps)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=hp.warmup_steps, total_steps=total,
-                                            min_factor=1.0)  # min_factor 1: constant after the warm-up
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -5,7 +5,7 @@ global batch 256, 512² images, 4×80 GB; its script is unreleased, commit ``776
 Per step, for ``image`` (B,3,H,W) in [-1,1] and ``asuka_train`` hole masks:
 
 1. condition: ``F = MAE.prior(image, mask)`` of the frozen MAE; with probability ``p`` (per sample; 1 -> 0.1 over the
-   first 2K steps, as the SD aligner, :func:`trainers.aligner.reconstructed_prior_probability`) the MAE *reconstructed*
+   first 2K steps, as the SD aligner, :func:`trainers.alignment.reconstructed_prior_probability`) the MAE *reconstructed*
    prior instead (all-zero mask). ``text, pooled = aligner(F)`` (T5 head tokens, CLIP head token mean). With
    probability ``empty_condition_prob`` per sample the condition is replaced by the null (empty-prompt) embeddings —
    the official ``--proportion_empty_prompts``, which is what makes the inference-time interpolation toward the nulls
@@ -39,14 +39,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
-from lightning.pytorch.utilities import rank_zero_info
 
 from asuka.models.flux_aligner import FluxPriorAligner
 from asuka.models.mae import MAEPrior
-from trainers.aligner import reconstructed_prior_probability, swap_to_reconstructed
-from trainers.base import StageModule, adamw, warmup_cosine_scheduler
+from trainers.alignment import AlignmentStage
 
 __all__ = ["FluxAlignerModule", "drop_to_null", "flow_matching_sigmas", "flux_fill_source"]
 
@@ -56,17 +54,14 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 
 def flux_fill_source(path: str | Path) -> str:
     """A FLUX.1-Fill pipeline folder (must hold ``transformer/``), a hub id, or ``"tiny"`` (the tiny CPU-demo folder)."""
+    from asuka.weights import resolve_pretrained
+
     if str(path) == "tiny":
         from asuka.models.tiny_flux import default_tiny_flux_fill_dir
 
-        return str(default_tiny_flux_fill_dir())
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute() or str(path).startswith("."):
-        if not (p / "transformer" / "config.json").is_file():
-            raise FileNotFoundError(f"flux_fill={str(path)!r} has no transformer/config.json; pass a diffusers "
-                                    "FLUX.1-Fill pipeline folder, a hub id or 'tiny'")
-        return str(p)
-    return str(path)
+        path = default_tiny_flux_fill_dir()
+    return resolve_pretrained(path, field="flux_fill", marker="transformer/config.json",
+                              what="diffusers FLUX.1-Fill pipeline ('tiny' for the demo one)")
 
 
 def flow_matching_sigmas(batch: int, generator: torch.Generator, device: torch.device, *, sampling: str,
@@ -90,8 +85,10 @@ def drop_to_null(condition: torch.Tensor, null: torch.Tensor, drop: torch.Tensor
     return torch.where(drop.view(shape), null.to(condition.dtype).expand_as(condition), condition)
 
 
-class FluxAlignerModule(StageModule):
+class FluxAlignerModule(AlignmentStage):
     """LightningModule training :class:`FluxPriorAligner` through frozen FLUX.1-Fill; exports the ``FluxPriorAligner``.
+
+    Loading, freezing, the steps, the image grid and the optimizer are :class:`trainers.alignment.AlignmentStage`'s.
 
     Args:
         mae: ``MAEPrior`` save_pretrained folder (frozen).
@@ -112,6 +109,15 @@ class FluxAlignerModule(StageModule):
         val_sampling_steps: Euler steps of the sampled inpaintings in the image grids.
         seed: seed of the per-step draws (resumable).
     """
+
+    denoiser_folder = "transformer"
+    denoiser_class = FluxTransformer2DModel
+    noise_scheduler_class = FlowMatchEulerDiscreteScheduler
+    sample_column = "asuka_flux"
+    describe = ("FLUX aligner", "FLUX.1-Fill")
+    transformer: FluxTransformer2DModel | None
+    noise_scheduler: FlowMatchEulerDiscreteScheduler | None
+    aligner: FluxPriorAligner
 
     def __init__(
         self,
@@ -137,57 +143,25 @@ class FluxAlignerModule(StageModule):
         max_consecutive_nonfinite: int = 20,
         compile: bool = False,
     ) -> None:
-        super().__init__(max_consecutive_nonfinite=max_consecutive_nonfinite, compile=compile)
+        super().__init__(p_start=p_start, p_end=p_end, p_decay_steps=p_decay_steps, frozen_dtype=frozen_dtype,
+                         val_sampling_steps=val_sampling_steps, max_consecutive_nonfinite=max_consecutive_nonfinite,
+                         compile=compile)
         self.save_hyperparameters()
-        schedule = [reconstructed_prior_probability(step, p_start, p_end, p_decay_steps)
-                    for step in range(max(p_decay_steps, 0) + 1)]
-        self.register_buffer("p_schedule", torch.tensor(schedule, dtype=torch.float64), persistent=False)
         if not 0.0 <= empty_condition_prob <= 1.0:
             raise ValueError(f"empty_condition_prob must be in [0, 1], got {empty_condition_prob}")
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-        if frozen_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"frozen_dtype must be 'bfloat16', 'float16', 'float32' or null, got {frozen_dtype!r}")
         if null_embeddings is not None and len(null_embeddings) != 2:
             raise ValueError("null_embeddings must be [vec.pt, txt_256.pt] (pooled, text) or null")
-        if val_sampling_steps < 1:
-            raise ValueError(f"val_sampling_steps must be >= 1, got {val_sampling_steps}")
         self.aligner = FluxPriorAligner(**(aligner or {}))
-        self.mae: MAEPrior | None = None
-        self.transformer: FluxTransformer2DModel | None = None
-        self.vae: AutoencoderKL | None = None
-        self.noise_scheduler: FlowMatchEulerDiscreteScheduler | None = None
-        self._pipe = None  # AsukaFluxFillPipeline on the parts above (not a module: nothing of it is saved twice)
+        self._pipe = None  # AsukaFluxFillPipeline on the frozen parts (not a module: nothing of it is saved twice)
 
     # ------------------------------------------------------------------ weights
-    def compiled_parts(self) -> list[torch.nn.Module]:
-        """The aligner heads and the frozen transformer (most of the step's cost)."""
-        return [self.aligner, self.transformer]
+    def pretrained_source(self) -> str:
+        return flux_fill_source(self.hparams.flux_fill)
 
-    def exportable(self) -> FluxPriorAligner:
-        return self.aligner
-
-    def _frozen_dtype(self) -> torch.dtype:
-        name = self.hparams.frozen_dtype
-        if name is None:
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return getattr(torch, name)
-
-    def load_pretrained(self) -> None:
-        from asuka.models.convert import read_tensor
-        from asuka.pipelines.asuka_flux.pipeline import empty_prompt_embeddings
-
-        hp = self.hparams
-        mae_path = Path(hp.mae).expanduser()
-        if not (mae_path / "config.json").is_file():
-            raise FileNotFoundError(f"mae={hp.mae!r} is not an MAEPrior save_pretrained folder (no config.json); "
-                                    "train it with configs/mae.yaml or convert mae_300.pth, and pass its folder")
-        source = flux_fill_source(hp.flux_fill)
-        dtype = self._frozen_dtype()
-        mae = MAEPrior.from_pretrained(mae_path, torch_dtype=dtype)
-        transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        cfg = self.aligner.config
+    def check_pretrained(self, mae: MAEPrior, transformer: FluxTransformer2DModel) -> None:
+        hp, cfg = self.hparams, self.aligner.config
         if mae.feature_dim != cfg.in_dim or mae.num_tokens != cfg.null_tokens:
             raise ValueError(f"the MAE at {hp.mae!r} gives {mae.num_tokens} tokens of {mae.feature_dim} features but "
                              f"the aligner takes in_dim={cfg.in_dim}, null_tokens={cfg.null_tokens}; set "
@@ -197,31 +171,20 @@ class FluxAlignerModule(StageModule):
             raise ValueError(f"the transformer of {hp.flux_fill!r} takes {transformer.config.joint_attention_dim}-d "
                              f"text / {transformer.config.pooled_projection_dim}-d pooled conditions; set "
                              "model.init_args.aligner.text_dim / pooled_dim")
-        for module in (mae, transformer, vae):
-            module.requires_grad_(False).eval()
+
+    def prepare_aligner(self, source: str, dtype: torch.dtype) -> None:
+        """Checkpointing of the heads with the transformer's; the null embeddings (files, else the text encoders)."""
+        from asuka.models.convert import read_tensor
+        from asuka.pipelines.asuka_flux.pipeline import empty_prompt_embeddings
+
+        hp = self.hparams
         if hp.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
             self.aligner.enable_gradient_checkpointing()
         if hp.null_embeddings is not None:
             nulls = [read_tensor(path) for path in hp.null_embeddings]
         else:
-            nulls = empty_prompt_embeddings(source, cfg.null_tokens, torch_dtype=dtype)
+            nulls = empty_prompt_embeddings(source, self.aligner.config.null_tokens, torch_dtype=dtype)
         self.aligner.set_null_embeddings(*nulls)
-        self.mae, self.transformer, self.vae = mae, transformer, vae
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler")
-        rank_zero_info(f"FLUX aligner: frozen MAE {hp.mae}, FLUX.1-Fill {source} ({dtype}); lr {hp.lr}")
-
-    def train(self, mode: bool = True) -> "FluxAlignerModule":
-        """Only the aligner switches to training mode; the frozen parts stay in eval mode."""
-        super().train(mode)
-        for module in (self.mae, self.transformer, self.vae):
-            if module is not None:
-                module.eval()
-        return self
-
-    def _require_frozen(self) -> None:
-        if self.transformer is None:
-            raise RuntimeError("frozen parts not loaded: call load_pretrained() (Lightning does in setup('fit'))")
 
     def pipeline(self):
         """An :class:`~asuka.pipelines.asuka_flux.AsukaFluxFillPipeline` on the current weights (FLUX vae decoder),
@@ -286,47 +249,12 @@ class FluxAlignerModule(StageModule):
                            img_ids=image_ids, return_dict=False)[0]
         return F.mse_loss(pred.float(), target)
 
-    # ------------------------------------------------------------------ steps
-    def reconstructed_probability(self) -> torch.Tensor:
-        return self.p_schedule[min(self.global_step, self.hparams.p_decay_steps)]
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, mask = batch["image"], batch["mask"]
-        generator = self.step_generator(batch_idx)
-        p = self.reconstructed_probability()
-        mae_mask = swap_to_reconstructed(mask, p, generator)
+    def training_loss(self, image: torch.Tensor, mask: torch.Tensor, mae_mask: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        """The flow-matching loss with ``empty_condition_prob`` of the samples on the null embeddings."""
         drop = torch.rand(image.shape[0], generator=generator, device=image.device) < self.hparams.empty_condition_prob
-        loss = self.flow_matching_loss(image, mask, mae_mask, drop, generator)
-        b = image.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
-        self.log("train/p_reconstructed", p, on_step=True, on_epoch=False, batch_size=b)
-        return loss
+        return self.flow_matching_loss(image, mask, mae_mask, drop, generator)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        image, mask = batch["image"], batch["mask"]
-        generator = self.validation_generator(batch_idx)
+    def validation_loss(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         keep = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
-        loss = self.flow_matching_loss(image, mask, mask, keep, generator)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
-
-    def log_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """input | masked input | MAE prior image | ASUKA-FLUX sample (``val_sampling_steps`` steps, FLUX vae, paste-back)."""
-        image, mask = batch["image"], batch["mask"]
-        prior = self.mae.prior(image, mask).image
-        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
-        sample = self.pipeline()(image, mask, num_inference_steps=self.hparams.val_sampling_steps,
-                                 generator=generator, output_type="pt").images
-        columns = self.input_columns(batch)
-        if prior is not None:
-            columns["mae_prior"] = prior.float()
-        columns["asuka_flux"] = sample.to(image) * 2 - 1
-        return columns
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = adamw(self.aligner.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = max(self.total_training_steps(), hp.warmup_steps)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=hp.warmup_steps, total_steps=total,
-                                            min_factor=1.0)  # min_factor 1: constant after the warm-up
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return self.flow_matching_loss(image, mask, mask, keep, generator)

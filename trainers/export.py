@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ __all__ = ["export_checkpoint", "load_stage_module", "main", "stage_classes"]
 
 
 def stage_classes() -> dict[str, type[StageModule]]:
-    """The allow-list of classes a checkpoint may name: every :class:`StageModule` subclass of the ``trainers``
-    package (its modules are imported to find them) and of the running program, by ``module.QualifiedName``.
+    """The allow-list of classes a checkpoint may name: every concrete :class:`StageModule` subclass of the
+    ``trainers`` package (its modules are imported to find them) and of the running program, by
+    ``module.QualifiedName``.
 
     A checkpoint only *names* its class; nothing outside this list is ever imported or called, so a crafted file
     cannot run code by naming e.g. ``os.system``.
@@ -38,7 +40,8 @@ def stage_classes() -> dict[str, type[StageModule]]:
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        if not inspect.isabstract(cls):  # shared bases (trainers.alignment.AlignmentStage) build no module
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return found
 
 

@@ -11,31 +11,21 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-
 from asuka.errors import InputError
-from asuka.pipelines._common import load_image, to_pil
-from asuka.tensors import MASK_THRESHOLD, paste_back
+from asuka.pipelines._common import load_image
+from asuka.tensors import paste_back
 
 from .dataset import EvalItem, find_prediction, load_pair
-from .report import COLUMNS, LABELS, cell, ids_note
+from .report import COLUMNS, LABELS, cell, grid_row, hole_grey, ids_note, save_grid, summary_rows
 
 _LOWER_IS_BETTER = {"lpips_alex", "lpips_vgg", "lpips_squeeze", "fid", "kid_mean", "grad"}
-
-
-def _rows(summary: dict) -> list[tuple[str, dict]]:
-    rows = [("overall", summary["overall"])]
-    rows += [(f"domain: {k}", v) for k, v in summary.get("by_domain", {}).items()]
-    rows += [(f"hole {k}", v) for k, v in summary.get("by_hole_ratio", {}).items()]
-    return rows
 
 
 def comparison_markdown(results: Mapping[str, dict]) -> str:
     """One table per metric: rows overall / domain / hole-ratio bin, one column per method."""
     names = list(results)
-    rows = {label: None for r in results.values() for label, _ in _rows(r)}
-    by_method = {name: dict(_rows(r)) for name, r in results.items()}
+    rows = {label: None for r in results.values() for label, _ in summary_rows(r)}
+    by_method = {name: dict(summary_rows(r)) for name, r in results.items()}
     lines = [f"# {' vs '.join(names)}", ""]
     for metric in COLUMNS:
         if not any(metric in row for r in by_method.values() for row in r.values()):
@@ -65,20 +55,12 @@ def comparison_grid(items: Sequence[EvalItem], predictions: Mapping[str, Path], 
             continue
         try:
             gt, mask = load_pair(item)
-            tiles = [torch.where(mask >= MASK_THRESHOLD, torch.zeros_like(gt), gt), (mask * 2 - 1).expand_as(gt)]
+            tiles = [hole_grey(gt, mask), (mask * 2 - 1).expand_as(gt)]
             tiles += [paste_back(load_image(str(p)), gt, mask) for p in preds.values()]
         except InputError:  # an unreadable item: already reported by scoring, not shown
             continue
-        width = max(1, round(height * gt.shape[-1] / gt.shape[-2]))
-        rows.append(torch.cat(list(F.interpolate(torch.cat(tiles), size=(height, width), mode="bilinear",
-                                                 antialias=True, align_corners=False)), dim=-1))
-    if not rows:
-        return None
-    width = max(r.shape[-1] for r in rows)
-    grid = torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=-2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(grid.clamp(-1, 1)).save(path)
-    return path
+        rows.append(grid_row(tiles, height))
+    return save_grid(rows, path)
 
 
 def write_comparison(out: Path, results: Mapping[str, dict], items: Sequence[EvalItem],

@@ -31,11 +31,17 @@ def cell(name: str, value) -> str:
     return f"{100 * value:.2f}" if name in _PERCENT else f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}"
 
 
-def markdown_table(summary: dict, title: str = "") -> str:
-    """One table: overall, then per-domain and per-hole-ratio rows."""
+def summary_rows(summary: dict) -> list[tuple[str, dict]]:
+    """``(label, metrics)`` rows of a summary: overall, then per domain and per hole-ratio bin."""
     rows = [("overall", summary["overall"])]
     rows += [(f"domain: {k}", v) for k, v in summary.get("by_domain", {}).items()]
     rows += [(f"hole {k}", v) for k, v in summary.get("by_hole_ratio", {}).items()]
+    return rows
+
+
+def markdown_table(summary: dict, title: str = "") -> str:
+    """One table: overall, then per-domain and per-hole-ratio rows."""
+    rows = summary_rows(summary)
     columns = [c for c in COLUMNS if any(c in r for _, r in rows)]
     lines = [f"# {title}", ""] if title else []
     lines.append("| subset | n | " + " | ".join(LABELS[c] for c in columns) + " |")
@@ -74,12 +80,26 @@ def example_grid(items: Sequence[EvalItem], predictions: Path, path: Path, *, co
             pred = load_image(str(pred_path))
         except InputError:  # an unreadable item: already reported by scoring, not shown
             continue
-        hole = mask >= MASK_THRESHOLD
-        masked = torch.where(hole, torch.zeros_like(gt), gt)  # hole shown grey
-        tiles = torch.cat([masked, pred, paste_back(pred, gt, mask), gt])
-        width = max(1, round(height * gt.shape[-1] / gt.shape[-2]))
-        rows.append(torch.cat(list(F.interpolate(tiles, size=(height, width), mode="bilinear", antialias=True,
-                                                 align_corners=False)), dim=-1))
+        rows.append(grid_row([hole_grey(gt, mask), pred, paste_back(pred, gt, mask), gt], height))
+    return save_grid(rows, path)
+
+
+def hole_grey(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The input as a grid shows it: the hole (``mask`` >= 0.5) grey (0 in [-1, 1])."""
+    return torch.where(mask >= MASK_THRESHOLD, torch.zeros_like(image), image)
+
+
+def grid_row(tiles: Sequence[torch.Tensor], height: int) -> torch.Tensor:
+    """Tiles (1,3,H,W) of one size side by side, resized (bilinear, antialiased) to ``height`` rows."""
+    tiles = torch.cat(list(tiles))
+    width = max(1, round(height * tiles.shape[-1] / tiles.shape[-2]))
+    return torch.cat(list(F.interpolate(tiles, size=(height, width), mode="bilinear", antialias=True,
+                                        align_corners=False)), dim=-1)
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: Path) -> Path | None:
+    """Rows of :func:`grid_row` stacked (shorter ones padded white on the right) and saved as ``path``; ``None``
+    (nothing written) without rows."""
     if not rows:
         return None
     width = max(r.shape[-1] for r in rows)

@@ -376,6 +376,17 @@ def prepare_inputs(image, mask, *, max_size: int | None = None,
     return image.contiguous(), mask.contiguous()
 
 
+def per_image(text: str | Sequence[str], batch: int, name: str) -> list[str]:
+    """``text`` (a prompt) for each of ``batch`` images: one string (or a one-item list) for all, or one per image;
+    another count is an :class:`~asuka.errors.InputError` naming ``name``."""
+    texts = [text] if isinstance(text, str) else list(text)
+    if len(texts) == 1:
+        return texts * batch
+    if len(texts) != batch:
+        raise InputError(f"{len(texts)} prompts for {batch} images; pass one prompt or one per image", name)
+    return texts
+
+
 def check_max_size(height: int, width: int, max_size: int) -> None:
     """Error when the longest side exceeds ``max_size``, naming the option to raise and the HD strategies."""
     if max(height, width) > max_size:
@@ -498,6 +509,6 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_MAX_SIZE", "DEFAULT_MAX_PIXELS", "SoftMaskWarning", "AnimatedImageWarning", "load_image", "load_mask", "prepare_inputs", "check_max_size", "to_pil",
+    "DEFAULT_MAX_SIZE", "DEFAULT_MAX_PIXELS", "SoftMaskWarning", "AnimatedImageWarning", "load_image", "load_mask", "prepare_inputs", "per_image", "check_max_size", "to_pil",
     "mask_to_pil", "run_inpainting", "list_image_files",
 )

@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib
 from contextlib import contextmanager
 import importlib.util
-import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +170,10 @@ def resolve_model(model: str | Path, *, name: str = "model") -> str:
     return resolve_pretrained(model, field=name, marker="model_index.json", what="diffusers pipeline")
 
 
-def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **kwargs: Any) -> Any:
-    """``pipeline_cls.from_pretrained`` on a checked folder or hub id (:func:`resolve_model`) in ``dtype``.
+def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", *, vae: Any = None,
+                  **kwargs: Any) -> Any:
+    """``pipeline_cls.from_pretrained`` on a checked folder or hub id (:func:`resolve_model`) in ``dtype``; ``vae``
+    (a loaded autoencoder, e.g. a ``HarmonizingDecoderKL``; moved to ``dtype``) replaces the folder's when given.
 
     Newer diffusers rename ``torch_dtype`` to ``dtype`` with a FutureWarning; the old name works in every supported
     version, so it is passed and the rename warning silenced.
@@ -181,6 +182,8 @@ def load_pipeline(pipeline_cls: Any, model: str | Path, dtype: "torch.dtype", **
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        if vae is not None:
+            kwargs["vae"] = vae.to(dtype)
         return pipeline_cls.from_pretrained(resolve_model(model), torch_dtype=dtype, **kwargs)
 
 

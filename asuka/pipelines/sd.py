@@ -60,9 +60,8 @@ def build_sd(model: str | Path, *, device: "torch.device", dtype: "torch.dtype",
 
     from asuka.pipelines._registry import load_pipeline
 
-    overrides = {} if vae is None else {"vae": vae.to(dtype)}
-    pipe = load_pipeline(StableDiffusionInpaintPipeline, model, dtype, safety_checker=None,
-                         requires_safety_checker=False, **overrides)
+    pipe = load_pipeline(StableDiffusionInpaintPipeline, model, dtype, vae=vae, safety_checker=None,
+                         requires_safety_checker=False)
     return SDInpaintRunner(pipe.to(device))
 
 

@@ -251,5 +251,5 @@ def default_tiny_asuka_dir() -> Path:
 def build_asuka(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: Any = None) -> AsukaRunner:
     """Load a saved :class:`AsukaInpaintPipeline` folder (``save_pretrained``) or hub id; UNet/VAE in ``dtype``;
     ``vae`` replaces the saved decoder."""
-    pipe = load_pipeline(AsukaInpaintPipeline, model, dtype, **({} if vae is None else {"vae": vae.to(dtype)}))
+    pipe = load_pipeline(AsukaInpaintPipeline, model, dtype, vae=vae)
     return AsukaRunner(pipe.to(device))

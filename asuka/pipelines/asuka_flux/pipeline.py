@@ -398,5 +398,5 @@ def build_asuka_flux(model: str | Path, *, device: torch.device, dtype: torch.dt
         raise InputError(f"FLUX.1-Fill latents need a 16-channel decoder with shift_factor (FLUX AE: 0.1159); got "
                          f"latent_channels={vae.config.latent_channels}, "
                          f"shift_factor={vae.config.get('shift_factor')}", field="vae")
-    pipe = load_pipeline(AsukaFluxFillPipeline, model, dtype, **({} if vae is None else {"vae": vae.to(dtype)}))
+    pipe = load_pipeline(AsukaFluxFillPipeline, model, dtype, vae=vae)
     return AsukaFluxRunner(pipe.to(device))

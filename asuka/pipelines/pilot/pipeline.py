@@ -52,10 +52,10 @@ from asuka.pipelines._sampling import (
     check_callback_inputs,
     decode,
     denoise,
+    finish,
 )
 from asuka.errors import InputError
-from asuka.pipelines._common import load_image, prepare_inputs
-from asuka.tensors import paste_back as paste_known_pixels
+from asuka.pipelines._common import load_image, per_image, prepare_inputs
 from asuka.tensors import resize_image
 from asuka.pipelines.pilot.controls import (
     GRADIENT_PHASE,
@@ -230,8 +230,8 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
             raise InputError(f"size {width}x{height} is not a multiple of {SIZE_MULTIPLE}; pad or resize it "
                              "(the inpaint runner pads automatically)", "image")
-        prompts = _per_image(prompt, batch, "prompt")
-        negatives = _per_image("" if negative_prompt is None else negative_prompt, batch, "negative_prompt")
+        prompts = per_image(prompt, batch, "prompt")
+        negatives = per_image("" if negative_prompt is None else negative_prompt, batch, "negative_prompt")
         device = self._execution_device
         cfg = guidance_scale > 1
 
@@ -336,9 +336,7 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
         else:
             pixels = torch.cat([decode(self.vae, latents[i:i + 1].to(self.vae.dtype), image=image[i:i + 1].to(device),
                                        mask=hole[i:i + 1].to(device)) for i in range(batch)]).float()
-            if paste_back:
-                pixels = paste_known_pixels(pixels, image.to(pixels.device), hole.to(pixels.device))
-            result = self.image_processor.postprocess(pixels, output_type=output_type, do_denormalize=[True] * batch)
+            result = finish(self, pixels, image=image, mask=hole, paste_back=paste_back, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
@@ -419,14 +417,6 @@ class _Conditioning:
         self.control_scale = 1.0
         self.adapter: list[torch.Tensor] | None = None
         self.ip: list[torch.Tensor] | None = None
-
-
-def _per_image(text: str | list[str], batch: int, name: str) -> list[str]:
-    if isinstance(text, str):
-        return [text] * batch
-    if len(text) != batch:
-        raise InputError(f"{len(text)} prompts for {batch} images; pass one string or one per image", name)
-    return list(text)
 
 
 __all__ = ["PilotInpaintPipeline", "MASK_CONVENTIONS", "SIZE_MULTIPLE"]

@@ -117,15 +117,13 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
     from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
 
     components: dict[str, Any] = {}
-    if vae is not None:
-        components["vae"] = vae.to(dtype)
     if controlnet is not None:
         components["controlnet"] = ControlNetModel.from_pretrained(
             resolve_pretrained(controlnet, field="weights.controlnet", what="ControlNet"), torch_dtype=dtype)
     if t2i_adapter is not None:
         components["adapter"] = T2IAdapter.from_pretrained(
             resolve_pretrained(t2i_adapter, field="weights.t2i_adapter", what="T2I-Adapter"), torch_dtype=dtype)
-    pipe = load_pipeline(PilotInpaintPipeline, model, dtype, **components)
+    pipe = load_pipeline(PilotInpaintPipeline, model, dtype, vae=vae, **components)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     if ip_adapter is not None:
         weights = _weight_file(ip_adapter, "weights.ip_adapter")
