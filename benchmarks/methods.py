@@ -16,7 +16,7 @@ that cannot hold both. Peak memory is the growth of resident memory during a cal
 base method, the model folders for both (cached SD-sized random weights: reuse :func:`sd15_inpaint_dir` or write
 your own with :func:`asuka.models.tiny.cached_pipeline_dir`), and any options/inputs/weights the row needs; then
 add it to :data:`ROWS`. Options not given are the method's declared defaults, except ``num_inference_steps``,
-which is ``--steps`` for both sides.
+which is ``--steps`` for both sides (or ``Row.steps(--steps)`` for a row that sets it; the table then names it).
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ class Row:
     base_options: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
+    steps: Callable[[int], int] | None = None
+    """``--steps`` -> the steps this row runs on both sides (None: ``--steps`` as given), for methods whose cost
+    depends on which timesteps the steps land on."""
 
 
 def row_sd() -> Row:
@@ -123,11 +126,35 @@ def row_hd_painter() -> Row:
     return Row("hd-painter", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat"})
 
 
+def harmonpaint_steps(requested: int) -> int:
+    """The fewest DDIM steps >= ``requested`` whose structure/style split (paper §IV-C: ``t >= 0.6 T`` is structure)
+    has the share of the paper's 50 steps, 20 structure steps of 50: 5 (t = 801, 601 | 401, 201, 1), 10, 20, 25, 50.
+    (2 steps, t = 501, 1, would have no structure step; 4 steps, one of four.)"""
+    from fractions import Fraction
+
+    from diffusers import DDIMScheduler
+
+    from asuka.pipelines.harmonpaint.schedule import plan_steps
+
+    scheduler = DDIMScheduler.from_pretrained(sd15_inpaint_dir(), subfolder="scheduler")
+
+    def share(steps: int) -> Fraction:
+        scheduler.set_timesteps(steps)
+        return Fraction(sum(plan.structure for plan in plan_steps(scheduler.timesteps.tolist())), steps)
+
+    steps, paper = max(requested, 1), share(50)
+    while share(steps) != paper:
+        steps += 1
+    return steps
+
+
 def row_harmonpaint() -> Row:
     """``harmonpaint`` (SAMS + steer loss + MAKVS, declared defaults) against SD-inpainting with the same SD-1.5-sized
-    UNet, steps and CFG 7.5. Use ``--steps 5`` (or 10, 50) for the paper's split: 40 % of the steps (t >= 600) are
-    structure steps with the steer loss's extra forward + backward."""
-    return Row("harmonpaint", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat on a lake"})
+    UNet, steps and CFG 7.5. ``--steps`` is raised to the next count with the paper's split
+    (:func:`harmonpaint_steps`: 40 % structure steps, each with the steer loss's extra forward + backward; the
+    table's backward count is the number of structure steps that ran)."""
+    return Row("harmonpaint", "sd", sd15_inpaint_dir, inputs={"prompt": "a red boat on a lake"},
+               steps=harmonpaint_steps)
 
 
 # CorrFill: one row per baseline, the full method (every step masked and optimised: Table S1's RealEstate10K windows
@@ -275,6 +302,8 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
             sequential: bool = False) -> dict[str, Any]:
     """Median seconds per image and peak memory of ``row.method`` and ``row.base``, measured alternately (or one
     after the other with ``sequential``, releasing each model before loading the next)."""
+    if row.steps is not None:
+        steps = row.steps(steps)
     painters = {}
     for side, method, model, options in (("method", row.method, row.model, row.options),
                                          ("base", row.base, row.base_model, row.base_options)):
@@ -313,7 +342,7 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
                     call(side)
             for side in sides:
                 painters[side].release()
-    result = {"method": row.method, "base": row.base}
+    result = {"method": row.method, "base": row.base, "steps": steps}
     for side in painters:
         result[f"{side}_s"] = statistics.median(times[side])
         result[f"{side}_peak_gb"] = peaks[side] / 2**30
@@ -332,7 +361,8 @@ def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device:
              "peak ratio | weights GB | base weights GB | UNet fwd (bwd) | base UNet fwd (bwd) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
+        method = r["method"] if r["steps"] == steps else f"{r['method']} ({r['steps']} steps)"
+        lines.append(f"| {method} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
                      f"{r['time_ratio']:.2f} | {r['method_peak_gb']:.2f} | {r['base_peak_gb']:.2f} | "
                      f"{r['peak_ratio']:.2f} | {r['method_weights_gb']:.2f} | {r['base_weights_gb']:.2f} | "
                      f"{r['method_unet_forward']} ({r['method_unet_backward']}) | "

@@ -69,7 +69,7 @@ def test_all_features_off_equals_diffusers_bit_for_bit(parts, pipe, vae):  # T1 
     assert torch.equal(_call(pipe, [0, 1], 2, **OFF), expected)
     if vae == "autoencoder":
         image, mask = _inputs()
-        pasted = _call(pipe, [0, 1], 2, paste_unmasked=True, **OFF)
+        pasted = _call(pipe, [0, 1], 2, paste_back=True, **OFF)
         hole = mask.expand_as(image) > 0.5
         assert torch.equal(pasted[hole], expected[hole])
         torch.testing.assert_close(pasted[~hole], image[~hole], atol=1e-6, rtol=0)

@@ -67,7 +67,10 @@ def weighted_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: Low
     With ``W = Σ_r a_r b_rᵀ`` (rows a: (B|1, H|1, Nq, R), cols b: (B|1, H|1, Nk, R)):
     ``(W ⊙ P) v = Σ_r a_r ⊙ (P (b_r ⊙ v))``, so SDPA runs once on the values ``[b_1 ⊙ v, …, b_R ⊙ v]``
     concatenated along the channel axis and the R outputs are recombined with the row factors.
-    The N×N matrix is never formed (HarmonPaint's SAMS and PILOT's SBC are rank 2).
+    The N×N matrix is never formed (HarmonPaint's SAMS and PILOT's SBC are rank 2): the queries and keys are
+    zero-padded to the values' width R·d (``q kᵀ`` unchanged, ``scale`` kept at the unpadded 1/√d), because
+    PyTorch's fused SDPA kernels need one head width for q, k and v and otherwise fall back to the math kernel,
+    which materialises the N×N map (on CPU about 3× slower forward and backward at 1024 tokens).
     """
     if bias is not None:
         if bias.dtype != q.dtype and bias.dtype != torch.bool:
@@ -79,6 +82,9 @@ def weighted_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: Low
     rank, d = cols.shape[-1], v.shape[-1]
     cols = cols.to(v.dtype)
     values = (cols.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)  # (B, H, Nk, R*d)
-    out = F.scaled_dot_product_attention(q, k, values, attn_mask=bias, scale=scale)
+    width = max(values.shape[-1] - q.shape[-1], 0)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = F.scaled_dot_product_attention(F.pad(q, (0, width)), F.pad(k, (0, width)), values, attn_mask=bias,
+                                         scale=scale)
     out = out.unflatten(-1, (rank, d))  # (B, H, Nq, R, d)
     return (rows.to(out.dtype).unsqueeze(-1) * out).sum(-2)

@@ -23,10 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel
 
 from asuka.models.seeding import seeded
-from asuka.models.tiny import TOKENIZER_MAX_LENGTH, cached_pipeline_dir, tiny_tokenizer
+from asuka.models.tiny import cached_pipeline_dir, tiny_text_encoder, tiny_tokenizer
 
 TINY_POOLED_DIM = 64  # CLIP pooled width (FLUX: 768); multiples of the heads' head width 64
 TINY_TEXT_DIM = 128  # T5 width = the transformer's joint_attention_dim (FLUX: 4096)
@@ -63,16 +63,6 @@ def tiny_flux_vae(seed: int = 0) -> AutoencoderKL:
 def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1's flow-matching Euler scheduler with the resolution-dependent (dynamic) shift."""
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE)
-
-
-def tiny_clip_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
-    """A 2-layer ``CLIPTextModel`` whose pooled output (width 64) feeds the transformer's ``pooled_projections``."""
-    config = CLIPTextConfig(hidden_size=TINY_POOLED_DIM, intermediate_size=128, num_attention_heads=4,
-                            num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-                            projection_dim=TINY_POOLED_DIM, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                            pad_token_id=vocab_size - 1)
-    with seeded(seed):
-        return CLIPTextModel(config).eval()
 
 
 def write_tiny_t5_tokenizer(path: str | Path):
@@ -117,7 +107,7 @@ def tiny_flux_fill_components(seed: int = 0, workdir: str | Path | None = None) 
     return dict(
         scheduler=flux_scheduler(),
         vae=tiny_flux_vae(seed),
-        text_encoder=tiny_clip_text_encoder(len(tokenizer), seed),
+        text_encoder=tiny_text_encoder(TINY_POOLED_DIM, len(tokenizer), seed),  # pooled width 64 -> pooled_projections
         tokenizer=tokenizer,
         text_encoder_2=tiny_t5_encoder(len(tokenizer_2), seed),
         tokenizer_2=tokenizer_2,

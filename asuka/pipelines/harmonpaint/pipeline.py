@@ -10,8 +10,18 @@ Per step ``i`` at timestep ``t`` (paper §IV, Fig. 4; the loop is :func:`asuka.p
    ``StableDiffusionInpaintPipeline`` does them.
 
 With ``use_sams=use_steer=use_makvs=False`` no control is installed and the output equals diffusers' pipeline bit
-for bit. The steer pass stops the U-Net right after the last cross-attention layer it reads (its later layers
-cannot change the loss), which saves the rest of that forward pass and its backward pass.
+for bit.
+
+Cost. The steer pass is an extra U-Net pass and none of it is reused for ε: the paper extracts the maps with "a
+denoising process" at each timestep (§IV-A) and the loss "refines the noise map" (Appendix B), i.e. the latent is
+updated *before* the step's noise prediction, as in the Attend-and-Excite / Predicated-Diffusion code the loss comes
+from (gradient pass at ``z_t``, update, then the CFG pass at the updated ``z_t``). Every activation depends on the
+latent the update changes (only the prompt's cross-attention keys and values do not, a negligible share). What the
+pass does need is cut to the minimum: the conditional half only (batch 1, not the CFG batch); the U-Net stops right
+after the last cross-attention layer the loss reads (``up_blocks.2`` at latent/2; the later layers cannot change the
+loss), so neither the rest of the forward pass nor its backward pass runs; the backward pass computes no parameter
+gradients (the U-Net is frozen) and reaches the latent only; SAMS and MAKVS run on SDPA (no N x N map); the phase and
+step sizes are host numbers planned before the loop (no host sync per step).
 """
 
 from __future__ import annotations
@@ -27,15 +37,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 
 from asuka.attention import AttentionController, TokenMasks
 from asuka.errors import InputError
-from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, latent_gradient,
-                                       unet_input)
+from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, finish,
+                                       latent_gradient, unet_input)
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER, maps_by_grid, steer_store
 from asuka.pipelines.harmonpaint.diagnostics import DiagnosticsRecorder
 from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid
 from asuka.pipelines.harmonpaint.schedule import plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask, steer_loss, steer_step_sizes
-from asuka.tensors import paste_back
 
 
 class _StopForward(Exception):
@@ -87,7 +96,7 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
     Load it like diffusers' pipeline (``HarmonPaintPipeline.from_pretrained(folder_or_hub_id)``, ``vae=`` any
     ``AutoencoderKL`` or ``AsymmetricAutoencoderKL`` such as asuka's ``HarmonizingDecoderKL``) and call it like
     ``StableDiffusionInpaintPipeline`` (the paper: 50 DDIM steps, guidance 7.5) with HarmonPaint's options as keywords
-    (:class:`~asuka.pipelines.harmonpaint.config.HarmonPaintConfig`), plus ``paste_unmasked`` (copy the known pixels
+    (:class:`~asuka.pipelines.harmonpaint.config.HarmonPaintConfig`), plus ``paste_back`` (copy the known pixels
     of the input into the output; off, as in the paper).
     """
 
@@ -100,7 +109,7 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, paste_unmasked: bool = False,
+                 output_type: str = "pil", return_dict: bool = True, paste_back: bool = False,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
                  **options: Any):
@@ -193,10 +202,8 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
             images = latents
         else:
             decoded = decode(self.vae, latents, image=init_image, mask=mask_condition, generator=generator)
-            if paste_unmasked:
-                decoded = paste_back(decoded, init_image.to(decoded), mask_condition)
-            images = self.image_processor.postprocess(decoded, output_type=output_type,
-                                                      do_denormalize=[True] * decoded.shape[0])
+            images = finish(self, decoded, image=init_image, mask=mask_condition, paste_back=paste_back,
+                            output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, None
