@@ -134,11 +134,10 @@ def harmonpaint_steps(requested: int) -> int:
     (2 steps, t = 501, 1, would have no structure step; 4 steps, one of four.)"""
     from fractions import Fraction
 
-    from diffusers import DDIMScheduler
-
+    from asuka.models.tiny import ddim_scheduler
     from asuka.pipelines.harmonpaint.schedule import plan_steps
 
-    scheduler = DDIMScheduler.from_pretrained(sd15_inpaint_dir(), subfolder="scheduler")
+    scheduler = ddim_scheduler()  # the one sd15_inpaint_dir ships (SD-1.5's DDIM settings)
 
     def share(steps: int) -> Fraction:
         scheduler.set_timesteps(steps)
