@@ -2,6 +2,7 @@
 plain x4 upscaler, with SD-sized random weights (only shapes matter for time and memory; nothing is downloaded).
 
     python benchmarks/hd_painter.py [--size 512] [--steps 3] [--sr-size 512] [--sr-steps 2] [--device cpu|cuda]
+                                    [--skip-sr | --skip-inpaint]
 
 Rows (batch 1, same steps, one warm-up call each, then the variants timed round-robin so machine load spreads
 evenly; peak memory = the largest resident-set (CPU) or allocated (CUDA) increase during the call):
@@ -167,7 +168,8 @@ def main() -> None:
     parser.add_argument("--sr-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-sr", action="store_true")
+    parser.add_argument("--skip-sr", action="store_true", help="only the inpainting rows")
+    parser.add_argument("--skip-inpaint", action="store_true", help="only the SR rows")
     parser.add_argument("--batch-graph", action="store_true", help="also time rasg_low_memory=False")
     parser.add_argument("--ablations", action="store_true", help="also time PAIntA only and RASG only")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -175,8 +177,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
-    _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats, args.batch_graph, args.ablations,
-                           args.warmup))
+    if not args.skip_inpaint:
+        _print(hd_painter_rows(args.size, args.steps, args.device, args.repeats, args.batch_graph, args.ablations,
+                               args.warmup))
     if not args.skip_sr:
         _print(sr_rows(args.sr_size, args.sr_steps, args.device, args.repeats))
 

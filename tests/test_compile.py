@@ -138,3 +138,29 @@ def test_compile_flag_reaches_inpainter_and_evaluate_requests():
     assert request["compile"] is False
     args = parser.parse_args(["evaluate", "--compile", "--method", "sd", "--data", "d", "--out", "o"])
     assert MethodRun(**method_requests(args, ["sd"])[0][0]).compile is True
+
+
+def test_evaluation_records_compile_and_dtype_and_refuses_to_merge_mixed_shards(tmp_path):
+    import json
+
+    from asuka.errors import InputError
+    from asuka.evaluation.aggregate import load_shards
+    from asuka.evaluation.distributed import Shard
+    from asuka.evaluation.runner import EvalConfig, MethodRun
+    from asuka.evaluation.scoring import write_shard
+
+    config = EvalConfig(data="data", out="out", methods=[MethodRun("sd", compile=True)])
+    eager, compiled = (config.meta(Inpainter("sd", compile=c).settings()) for c in (False, True))
+    assert (eager["compile"], compiled["compile"], eager["dtype"]) == (False, True, None)
+    half = Inpainter("sd", dtype=torch.bfloat16, compile={"mode": "max-autotune"}).settings()
+    assert half["dtype"] == "bfloat16" and half["compile"] == {"mode": "max-autotune"}
+    json.dumps(half)  # metrics.json and the shard files hold it
+
+    records = [{"key": "a", "domain": "all", "hole_ratio": 0.1}]
+    write_shard(tmp_path / "same", Shard(0, 2).name, records, None, None, compiled)
+    write_shard(tmp_path / "same", Shard(1, 2).name, [{**records[0], "key": "b"}], None, None, compiled)
+    assert [r["key"] for r in load_shards(tmp_path / "same")[1]] == ["a", "b"]
+    write_shard(tmp_path / "mixed", Shard(0, 2).name, records, None, None, eager)
+    write_shard(tmp_path / "mixed", Shard(1, 2).name, [{**records[0], "key": "b"}], None, None, compiled)
+    with pytest.raises(InputError, match="different settings"):
+        load_shards(tmp_path / "mixed")

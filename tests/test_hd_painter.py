@@ -160,6 +160,24 @@ def test_p6_installs_on_exactly_latent2_and_latent4_and_restores(pipe):
     assert all(after[name] is proc for name, proc in before.items())
 
 
+def test_rasg_graph_stops_after_the_last_rasg_layer(pipe):
+    """RASG's gradient pass records no autograd graph in the blocks after the last latent/4 cross-attention (their
+    outputs never require grad; the loss does not depend on them), the block holding it does, and the hooks that
+    cut the graph are gone after the call."""
+    image, mask = inputs()
+    seen: dict[int, set] = {i: set() for i in range(len(pipe.unet.up_blocks))}
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: seen[i].add(out.requires_grad))
+               for i, block in enumerate(pipe.unet.up_blocks)]
+    try:
+        run(pipe, image, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen[1] == {True, False}                  # up_blocks.1 holds the last RASG layer (graph pass, no-graph pass)
+    assert seen[2] == seen[3] == {False}
+    assert all(not block._forward_pre_hooks for block in pipe.unet.up_blocks)
+
+
 def test_p1_full_or_empty_mask_is_a_no_op(pipe):
     text, extra, _, weights = conditioning(pipe)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -111,7 +111,11 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
             z = _autograd_ready(latents.detach()).requires_grad_(True)
             pipe.unet(model_input(z, t, extra, False), t, encoder_hidden_states=hidden, return_dict=False, **kwargs)
             loss = state.loss().sum() * config.loss_rescale
-            (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+            state.replaying = True  # a UNet with gradient checkpointing re-runs its layers now: no second vote
+            try:
+                (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+            finally:
+                state.replaying = False
         state.collected = []
         grad = torch.zeros_like(latents) if grad is None else grad / config.loss_rescale
         return guidance.normalized_gradient(grad[..., side:])
@@ -123,19 +127,20 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
         if i < config.optimize_steps:
             if i == 0:
                 state.reset()
-            state.phase = GRAD
+            state.begin_pass(GRAD)
             directions[i] = gradient_pass(step, latents, tensors)
             if on_grad_pass is not None:
                 on_grad_pass(i)
         if i == 0:
             state.reset()
-        state.phase = MAIN if i < config.estimation_steps else OFF
+        estimating = i < config.estimation_steps
+        state.begin_pass(MAIN if estimating else OFF, masking=i < config.masking_steps)
         controller.state.cfg = cfg
         eps = cfg_noise(pipe.unet, model_input(latents, step.timestep, tensors, cfg), step.timestep,
                         tensors["prompt_embeds"], guidance_scale, cfg=cfg, **unet_kwargs)
-        if state.phase == MAIN:
+        if estimating:
             state.update_rho()
-        state.phase = OFF
+        state.begin_pass(OFF)
         return eps
 
     def after(step, latents, tensors):

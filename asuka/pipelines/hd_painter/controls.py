@@ -5,9 +5,10 @@ latent/4 and RASG's store of the conditional cross-attention logits at latent/4 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from asuka.attention import AttentionController, AttentionControl, AttentionStore, Read, TokenMasks
 from asuka.attention.functional import attention_scores, split_heads
@@ -96,6 +97,7 @@ class HDPainterControls:
         self.masks = TokenMasks(mask, resize=attention_mask)
         self.weights = weights
         self.painta = self.store = None
+        self._hooks: list = []
         if use_painta:
             check_blocks(self.controller)
             self.painta = self.controller.add(PAIntA(self.masks, weights, smooth),
@@ -110,6 +112,28 @@ class HDPainterControls:
     def state(self):
         return self.controller.state
 
+    def blocks_after_rasg(self) -> list[nn.Module]:
+        """The UNet's top-level blocks that run after the block holding the last RASG layer (SD: ``up_blocks.2`` and
+        ``up_blocks.3``, the 32x32 and 64x64 levels at 512 px): RASG's loss does not depend on them."""
+        unet, last = self.controller.unet, self.rasg_layers[-1]
+        order = [("down", i, b) for i, b in enumerate(unet.down_blocks)]
+        order += [("mid", 0, unet.mid_block)] if getattr(unet, "mid_block", None) is not None else []
+        order += [("up", i, b) for i, b in enumerate(unet.up_blocks)]
+        position = next(i for i, (place, index, _) in enumerate(order) if (place, index) == (last.place, last.block))
+        return [block for _, _, block in order[position + 1:]]
+
+    def __enter__(self) -> "HDPainterControls":
+        self.controller.__enter__()
+        self._hooks = []
+        if self.store is not None:
+            try:
+                self._hooks = [b.register_forward_pre_hook(_detach_when_grad, with_kwargs=True)
+                               for b in self.blocks_after_rasg()]
+            except BaseException:
+                self.controller.__exit__(None, None, None)
+                raise
+        return self
+
     def rasg_mask(self, latent_size: tuple[int, int]) -> torch.Tensor:
         """(B, N) mask at RASG's latent/4 grid."""
         return self.masks.at(self.rasg_layers[0].grid(latent_size))
@@ -120,13 +144,30 @@ class HDPainterControls:
         mean_logits = rasg.mean_cross_attention(self.store.maps)
         return rasg.bce_loss(mean_logits, self.rasg_mask(latent_size), self.weights).sum()
 
-    def __enter__(self) -> "HDPainterControls":
-        self.controller.__enter__()
-        return self
-
     def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self.store is not None:
             self.store.clear()
         if self.painta is not None:
             self.painta.clear()
         self.controller.__exit__(*exc)
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def _detach_when_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on the blocks after the last RASG layer: during RASG's gradient pass their inputs (including
+    the skip connections) are detached, so autograd records nothing there (same values; RASG's loss never depends on
+    them). The backward already skipped these blocks; this saves the activations and the bookkeeping of the
+    highest-resolution up blocks in the forward."""
+    if not torch.is_grad_enabled():
+        return None
+    return _detach(args), {name: _detach(value) for name, value in kwargs.items()}

@@ -30,14 +30,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from asuka.errors import InputError
 from asuka.models import decoder as _decoder  # noqa: F401  (from_pretrained resolves a saved HarmonizingDecoderKL)
 from asuka.pipelines._common import prepare_inputs
-from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, guide, latent_gradient,
-                                       previous_timestep, unet_input)
+from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, finish, guide,
+                                       latent_gradient, previous_timestep, unet_input)
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
 from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT
 from asuka.pipelines.hd_painter.preprocess import (dilate, latent_mask, pad_bottom_right, resize_mask_bicubic,
                                                    token_weights, working_size)
-from asuka.tensors import paste_back as paste_known_pixels
 from asuka.tensors import resize_image
 
 WORKING_LONG_SIDE = 512
@@ -223,12 +222,10 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         if output_type == "latent":
             result = latents
         else:
-            out = decode(self.vae, latents.to(self.vae.dtype), image=image.to(self.vae.dtype),
-                         mask=mask.to(self.vae.dtype), generator=generator).float()
-            if paste_back:
-                out = paste_known_pixels(out, image.float(), mask)
-            out = out[..., :size[0], :size[1]].clamp(-1, 1)
-            result = self.image_processor.postprocess(out, output_type=output_type, do_denormalize=[True] * batch)
+            decoded = decode(self.vae, latents.to(self.vae.dtype), image=image.to(self.vae.dtype),
+                             mask=mask.to(self.vae.dtype), generator=generator).float()
+            result = finish(self, decoded, image=image.float(), mask=mask, paste_back=paste_back,
+                            output_type=output_type, pad=(0, width - size[1], 0, height - size[0]))
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
