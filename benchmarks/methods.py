@@ -362,13 +362,15 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
 def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device: torch.device) -> str:
     lines = [f"Methods vs base, {resolution}², {steps} steps, batch 1, {device.type}, "
              f"{torch.get_num_threads()} threads, SD-1.5-sized random weights", "",
-             "| method | base | s / image | base s / image | time ratio | CPU-time ratio | peak GB (call) | "
-             "base peak GB | peak ratio | weights GB | base weights GB | UNet fwd (bwd) | base UNet fwd (bwd) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | base | s / image | base s / image | time ratio | CPU s | base CPU s | CPU-time ratio | "
+             "peak GB (call) | base peak GB | peak ratio | weights GB | base weights GB | UNet fwd (bwd) | "
+             "base UNet fwd (bwd) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         method = r["method"] if r["steps"] == steps else f"{r['method']} ({r['steps']} steps)"
         lines.append(f"| {method} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
-                     f"{r['time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} | {r['method_peak_gb']:.2f} | "
+                     f"{r['time_ratio']:.2f} | {r['method_cpu_s']:.2f} | {r['base_cpu_s']:.2f} | "
+                     f"{r['cpu_time_ratio']:.2f} | {r['method_peak_gb']:.2f} | "
                      f"{r['base_peak_gb']:.2f} | "
                      f"{r['peak_ratio']:.2f} | {r['method_weights_gb']:.2f} | {r['base_weights_gb']:.2f} | "
                      f"{r['method_unet_forward']} ({r['method_unet_backward']}) | "
