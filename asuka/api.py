@@ -264,14 +264,20 @@ class Inpainter:
         self.__dict__.pop("sr_pipeline", None)
 
     def settings(self) -> dict[str, Any]:
-        """How results are made (recorded by evaluation): method, weights, decoder, preset, every option, seed rule."""
+        """How results are made (recorded by evaluation): method, weights, decoder, preset, every option, seed rule,
+        the requested dtype (``None``: the method's default) and ``compile`` (compiled results differ from eager
+        ones within :data:`asuka.compile.COMPILE_TOLERANCE`, reduced precision by more)."""
         return {"method": self.method, "model": None if self.model is None else str(self.model),
                 "decoder": None if self.decoder is None or not isinstance(self.decoder, (str, Path))
                 else str(self.decoder), "preset": self.preset,
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.resolved.items()},
                 "weights": {k: None if v is None else str(v)
                             for k, v in self.spec.resolve_weights(self.weights).items()},
-                "sr": None if self.sr is None else str(self.sr), "seed_rule": SEED_RULE}
+                "sr": None if self.sr is None else str(self.sr), "seed_rule": SEED_RULE,
+                "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+                "compile": self.compile if isinstance(self.compile, bool)
+                else {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+                      for k, v in self.compile.items()}}
 
     def item_inputs(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Per-item inputs of a batch -> what the runner takes: text roles a list of strings (``None`` when no item

@@ -2,7 +2,7 @@
 same baseline without CorrFill, at the paper's 512x1024 stitched size with SD-sized random weights.
 
     python benchmarks/corrfill.py [--baseline side-by-side|paint-by-example] [--size 512] [--steps 1]
-                                  [--device cpu|cuda] [--threads 2] [--json out.json]
+                                  [--device cpu|cuda] [--threads 2] [--warmup] [--json out.json]
 
 Configurations (see :func:`measure`): ``baseline``: CorrFill off -- the stitched baseline, bit-identical to diffusers'
 pipeline; ``masking``: masking, filter and smoothing, no latent optimisation; ``full``: everything, every step
@@ -48,13 +48,43 @@ def _pipeline(baseline: str, device, dtype):
     return pipe.to(device=device, dtype=dtype)
 
 
+def _peak_rss_reset() -> bool:
+    """Give freed heap memory back (glibc ``malloc_trim``) and reset the kernel's peak-RSS counter of this process
+    (Linux: VmHWM), so the next peak is the next configuration's; False where it cannot be reset."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_gib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak since the last reset) of this process, GiB; the running peak
+    (``ru_maxrss``) where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, device: str = "cpu",
-            dtype: str = "float32", threads: int = 2) -> dict:
-    """Time the three configurations in this process, in order baseline, masking, full (seconds per image for
-    ``steps`` steps, VAE decode excluded: it is the same in all three, so the ratios are conservative); peak memory
-    is the process's running peak (peak RSS on CPU, peak allocated on CUDA): after the warm-up (a one-step run of the
-    full method) it is the full method's peak for all three, so compare the CUDA figures or run one configuration
-    per process for per-configuration CPU peaks."""
+            dtype: str = "float32", threads: int = 2, warmup: bool = False,
+            order: tuple[str, ...] = ("full", "masking", "baseline")) -> dict:
+    """Time the three configurations in this process (seconds per image for ``steps`` steps, VAE decode excluded:
+    it is the same in all three, so the ratios are conservative) and their peak memory: on CPU the peak RSS of the
+    process during that configuration (the kernel's counter, reset before each; it includes the weights), on CUDA
+    the peak allocated. The full method runs first, so it pays the process's first-call costs (page faults of new
+    allocations, kernel selection): ratios are conservative without a warm-up; ``warmup`` adds a one-step baseline
+    call first."""
     import torch
 
     from asuka.pipelines.corrfill.config import make_config
@@ -77,26 +107,33 @@ def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, dev
         pipe(reference, image, mask, config=config, num_inference_steps=n, guidance_scale=3.0,
              generator=torch.Generator().manual_seed(0), output_type="latent")
 
-    call(configs["full"], 1)  # warm-up: first-call costs (allocator, kernels) are paid by no configuration
+    if warmup:
+        call(configs["baseline"], 1)
+    weights_gib = _rss_gib("VmRSS") if dev.type == "cpu" else torch.cuda.memory_allocated(dev) / 2**30
     rows = {}
-    for name, config in configs.items():
+    for name in order:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _peak_rss_reset()
+        before = _rss_gib("VmRSS") if dev.type == "cpu" else torch.cuda.memory_allocated(dev) / 2**30
         start = time.perf_counter()
-        call(config, steps)
+        call(configs[name], steps)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             peak = torch.cuda.max_memory_allocated(dev) / 2**30
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+            peak = _rss_gib("VmHWM")
         seconds = time.perf_counter() - start
-        rows[name] = {"seconds": seconds, "seconds_per_step": seconds / steps, "peak_gib": peak}
+        rows[name] = {"seconds": seconds, "seconds_per_step": seconds / steps, "peak_gib": peak,
+                      "before_gib": before}
         print(name, rows[name], flush=True, file=sys.stderr)
     base = rows["baseline"]["seconds"]
     for row in rows.values():
         row["ratio"] = row["seconds"] / base
     return {"baseline": baseline, "size": f"{size}x{2 * size}", "steps": steps, "device": device, "dtype": dtype,
-            "threads": threads, **rows}
+            "threads": threads, "after_loading_gib": weights_gib, **{name: rows[name] for name in configs}}
 
 
 def main(argv=None) -> None:
@@ -107,9 +144,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", action="store_true", help="a one-step baseline call before the measured ones")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    result = measure(args.baseline, args.size, args.steps, args.device, args.dtype, args.threads)
+    result = measure(args.baseline, args.size, args.steps, args.device, args.dtype, args.threads, args.warmup)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

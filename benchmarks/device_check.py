@@ -1,17 +1,19 @@
 """One device check: every method, the decoder and the trainers, eager vs compiled, one JSON + one Markdown table.
 
     python benchmarks/device_check.py --out device_check          # on a GPU: SD-1.5-sized random weights, 512²
-    python benchmarks/device_check.py --tiny --out /tmp/dc        # CPU smoke run with tiny components (< 1 min)
+    python benchmarks/device_check.py --tiny --out /tmp/dc        # CPU plumbing check with tiny components
 
 Three parts (``--parts inference,decoder,train`` to run some):
 
 1. **inference**: every registered method through :class:`asuka.api.Inpainter` (the path ``asuka inpaint`` takes),
-   eager and with ``compile=True``, batch 1, a centred 25 % hole. Real mode: the SD-sized rows of
-   ``benchmarks/methods.py`` (their folders, options and inputs) with ``--steps`` denoising steps at ``--size``²;
-   methods without such a row (``asuka-flux``: FLUX-sized random weights do not fit the time budget) are listed as
-   skipped. Tiny mode: the method's own tiny default weights and its ``quick`` options. One warm-up call (for the
-   compiled side it includes compilation: ``first_s``), then ``--repeats`` timed calls; ``it/s`` = steps / median
-   seconds per image (so it includes encoding, decoding and each method's extra work per step).
+   batch 1, a centred 25 % hole; each method is loaded once, run eager, then compiled in place with
+   :func:`asuka.compile.compile_runner` (what ``compile=True`` runs at load) and run again. Real mode: the SD-sized
+   rows of ``benchmarks/methods.py`` (their folders, options and inputs) with ``--steps`` denoising steps at
+   ``--size``²; ``asuka-flux`` at FLUX.1-Fill's width with reduced depth (:data:`FLUX_CHECK_DEPTH`, in bf16). Tiny
+   mode: the method's own tiny default weights and its ``quick`` options. One warm-up call (for the compiled side it
+   includes compilation: ``first_s``), then ``--repeats`` timed calls; ``it/s`` = steps / median seconds per image
+   (so it includes encoding, decoding and each method's extra work per step); ``graphs`` = graphs dynamo captured
+   during the compiled calls (recompiles show here).
 2. **decoder**: ``vae.decode`` of one latent with the SD VAE and a :class:`HarmonizingDecoderKL` built from it
    (image and mask given), eager vs ``decoder.compile()``.
 3. **train**: the three stage modules (``trainers.mae``, ``trainers.aligner``, ``trainers.decoder``) in a Lightning
@@ -46,6 +48,12 @@ from benchmarks.methods import ROWS, PeakMemory  # noqa: E402
 
 PARTS = ("inference", "decoder", "train")
 
+TINY_NOTE = ("Tiny run: it checks the plumbing (every row and column, eager vs compiled through the same code), not "
+             "speed and not that each method compiles. Dynamo's `eager` backend (graph capture, no code generation), "
+             "recompile limit 1 and one dynamo cache for all methods: a module is captured once, and a method whose "
+             "calls need another graph runs those calls eagerly (`graphs` = graphs captured during its compiled "
+             "calls; 0 = all reused or eager). tests/test_compile.py checks each method's controls under dynamo.")
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -57,12 +65,16 @@ def _mib(n: int | None) -> float | None:
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float], int, Any]:
-    """(first call seconds, timed seconds, peak memory growth of the timed calls, last result)."""
+    """(first call seconds, timed seconds, peak memory growth, last result). ``repeats`` = 0 times the first call
+    alone (``--tiny``: its numbers show the plumbing, not speed); then the peak covers the first call."""
     _sync(device)
-    start = time.perf_counter()
-    result = fn()
-    _sync(device)
-    first = time.perf_counter() - start
+    with PeakMemory(device) as first_peak:
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        first = time.perf_counter() - start
+    if repeats == 0:
+        return first, [first], first_peak.peak, result
     times = []
     with PeakMemory(device) as peak:
         for _ in range(repeats):
@@ -71,6 +83,11 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[f
             _sync(device)
             times.append(time.perf_counter() - start)
     return first, times, peak.peak, result
+
+
+def _graphs() -> int:
+    """Graphs dynamo has captured in this process so far (any backend)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _release(device: torch.device) -> None:
@@ -86,6 +103,48 @@ def _image_mask(size: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
     return image, mask
+
+
+FLUX_FILL_DEPTH = (19, 38)
+"""FLUX.1-Fill-dev's double- and single-stream block counts (black-forest-labs/FLUX.1-Fill-dev transformer config)."""
+FLUX_CHECK_DEPTH = (2, 4)
+"""The device check's ``asuka-flux`` depth: FLUX.1-Fill's full width (24 heads of 128, T5 4096, CLIP 768) with 2
+double- and 4 single-stream blocks (1.3 B transformer parameters instead of 11.9 B). A full-depth random
+transformer is 24 GB in bf16 and minutes to initialise and write; per step, a double block costs about two single
+ones, so a full-depth step costs about (2·19 + 38) / (2·2 + 4) = 9.5 times this one's transformer time."""
+
+
+def flux_fill_asuka_dir(depth: tuple[int, int] = FLUX_CHECK_DEPTH) -> Path:
+    """An ASUKA-FLUX pipeline folder at FLUX.1-Fill width and ``depth`` (double, single blocks), random weights:
+    FLUX AE-sized harmonizing decoder (16 latent channels, widths 128-512), ViT-B/16 MAE, the release's heads
+    (4 blocks of head width 64), zero null embeddings (no T5/CLIP needed). Written once under ``~/.cache/asuka``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from asuka.models.decoder import HarmonizingDecoderKL
+    from asuka.models.flux_aligner import FluxPriorAligner
+    from asuka.models.mae import MAEPrior
+    from asuka.models.seeding import seeded
+    from asuka.models.tiny import cached_pipeline_dir
+    from asuka.models.tiny_flux import FLUX_FILL_IN_CHANNELS, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR, flux_scheduler
+    from asuka.pipelines.asuka_flux.pipeline import AsukaFluxFillPipeline
+
+    def write(folder: Path) -> None:
+        with seeded(0):
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=FLUX_FILL_IN_CHANNELS, out_channels=64, num_layers=depth[0],
+                num_single_layers=depth[1], attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=FLUX_SCALING_FACTOR,
+                shift_factor=FLUX_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
+            mae = MAEPrior()
+            aligner = FluxPriorAligner(in_dim=mae.feature_dim, null_tokens=mae.num_tokens)
+        AsukaFluxFillPipeline(vae=HarmonizingDecoderKL.from_vae(vae), transformer=transformer,
+                              scheduler=flux_scheduler(), mae=mae.eval(), aligner=aligner.eval()).save_pretrained(folder)
+
+    return cached_pipeline_dir(f"flux-fill-{depth[0]}x{depth[1]}-random-asuka", write)
 
 
 def method_cases(tiny: bool, steps: int) -> list[dict[str, Any]]:
@@ -105,6 +164,10 @@ def method_cases(tiny: bool, steps: int) -> list[dict[str, Any]]:
             row = rows[name]
             case = dict(method=name, model=row.model, options={**row.options, "num_inference_steps": steps},
                         inputs=dict(row.inputs), weights=dict(row.weights))
+        elif name == "asuka-flux":  # bf16 whatever --dtype: the release's setting (FLUX activations overflow fp16)
+            case = dict(method=name, model=flux_fill_asuka_dir, options={"num_inference_steps": steps}, inputs={},
+                        weights={}, dtype=torch.bfloat16, note=f"{FLUX_CHECK_DEPTH[0]}+{FLUX_CHECK_DEPTH[1]} of "
+                                         f"{FLUX_FILL_DEPTH[0]}+{FLUX_FILL_DEPTH[1]} blocks")
         else:
             cases.append(dict(method=name, skipped="no SD-sized row in benchmarks/methods.py"))
             continue
@@ -115,8 +178,25 @@ def method_cases(tiny: bool, steps: int) -> list[dict[str, Any]]:
     return cases
 
 
+def _run_side(painter: Any, case: dict[str, Any], image: np.ndarray, mask: np.ndarray, device: torch.device,
+              repeats: int, steps: int | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+    call = lambda: painter(image, mask, inputs=case["inputs"], seed=0)  # noqa: E731
+    graphs = _graphs()
+    try:
+        first, times, peak, out = _timed(call, device, repeats)
+    except Exception as err:  # a failing method is a row, not the end of the check
+        return {"error": f"{type(err).__name__}: {err}"[:300]}, None
+    seconds = statistics.median(times)
+    return {"first_s": round(first, 3), "s_per_image": round(seconds, 4), "times_s": [round(t, 4) for t in times],
+            "it_per_s": None if not steps else round(steps / seconds, 2), "peak_mib": _mib(peak),
+            "graphs": _graphs() - graphs}, out.float().cpu()
+
+
 def inference(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Each method loaded once: eager calls, then :func:`asuka.compile.compile_runner` on the same loaded method (the
+    code ``Inpainter(compile=...)`` runs at load) and the compiled calls."""
     from asuka.api import Inpainter
+    from asuka.compile import compile_runner
 
     image, mask = _image_mask(args.size)
     results = []
@@ -128,29 +208,28 @@ def inference(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             continue
         model = case["model"]() if callable(case["model"]) else case["model"]
         steps = case["options"].get("num_inference_steps")
-        entry: dict[str, Any] = {"method": case["method"], "steps": steps, "size": args.size}
-        outputs = {}
-        for compiled in (False, True):
-            painter = Inpainter(case["method"], model, device=device, dtype=dtype, options=case["options"],
-                                weights=case["weights"],
-                                compile={"backend": args.backend} if compiled else False)
-            call = lambda: painter(image, mask, inputs=case["inputs"], seed=0)  # noqa: E731
-            try:
-                first, times, peak, out = _timed(call, device, args.repeats)
-            except Exception as err:  # a failing method is a row, not the end of the check
-                entry["compiled" if compiled else "eager"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-                continue
-            finally:
-                painter.release()
+        run_dtype = case.get("dtype", dtype)
+        entry: dict[str, Any] = {"method": case["method"], "steps": steps, "size": args.size, "dtype": str(run_dtype)}
+        if case.get("note"):
+            entry["note"] = case["note"]
+        painter = Inpainter(case["method"], model, device=device, dtype=run_dtype, options=case["options"],
+                            weights=case["weights"])
+        try:
+            entry["eager"], eager = _run_side(painter, case, image, mask, device, args.repeats, steps)
+            if eager is not None:
+                compile_runner(painter.runner, {"backend": args.backend})
+                entry["compiled"], compiled = _run_side(painter, case, image, mask, device, args.repeats, steps)
+                if compiled is not None:
+                    entry["max_abs_diff"] = float((compiled - eager).abs().max())
+                    entry["speedup"] = round(entry["eager"]["s_per_image"] / entry["compiled"]["s_per_image"], 2)
+        except Exception as err:  # loading or compiling failed: still a row
+            entry.setdefault("eager", {"error": f"{type(err).__name__}: {err}"[:300]})
+            entry["compiled"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        finally:
+            painter.release()
+            if not args.tiny:  # tiny: the captured graphs of shared components are reused by the next method
                 _release(device)
-            seconds = statistics.median(times)
-            outputs[compiled] = out.float().cpu()
-            entry["compiled" if compiled else "eager"] = {
-                "first_s": round(first, 3), "s_per_image": round(seconds, 4), "times_s": [round(t, 4) for t in times],
-                "it_per_s": None if not steps else round(steps / seconds, 2), "peak_mib": _mib(peak)}
-        if len(outputs) == 2:
-            entry["max_abs_diff"] = float((outputs[True] - outputs[False]).abs().max())
-            entry["speedup"] = round(entry["eager"]["s_per_image"] / entry["compiled"]["s_per_image"], 2)
+        entry.setdefault("compiled", {"error": "not run: the eager side failed"})
         results.append(entry)
         print(f"inference {case['method']}: {json.dumps(entry)}", flush=True)
     return results
@@ -284,7 +363,10 @@ def train(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
                                          "size": size, "precision": "bf16-mixed"}
                 steps = args.train_warmup + args.train_steps
                 times = StepTimes()
-                trainer = Trainer(accelerator=device.type, devices=1, precision="bf16-mixed", max_steps=steps,
+                # `steps` batches; max_steps counts optimizer steps (two per batch for the decoder's GAN) and sets the
+                # learning-rate schedules' length
+                trainer = Trainer(accelerator=device.type, devices=1, precision="bf16-mixed", max_epochs=1,
+                                  limit_train_batches=steps, max_steps=2 * steps,
                                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                   enable_model_summary=False, limit_val_batches=0, callbacks=[times],
                                   default_root_dir=tmp)
@@ -311,23 +393,26 @@ def _cell(value: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Device check ({report['device']}, {report['mode']}, {report['dtype']}, "
-             f"compile backend {report['compile_backend']})", ""]
+             f"compile backend {report['compile_backend']}, recompile limit {report['recompile_limit']})", ""]
+    if report.get("note"):
+        lines += [report["note"], ""]
     if report.get("inference"):
         lines += ["## Inference (batch 1, through asuka.api.Inpainter)", "",
                   "| method | steps | size | eager it/s | compiled it/s | speedup | eager s/img | compiled s/img | "
-                  "compile+first s | eager peak MiB | compiled peak MiB | max abs diff |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "compile+first s | eager peak MiB | compiled peak MiB | max abs diff | graphs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in report["inference"]:
             if "skipped" in e:
-                lines.append(f"| {e['method']} | skipped: {e['skipped']} |" + " |" * 10)
+                lines.append(f"| {e['method']} | skipped: {e['skipped']} |" + " |" * 11)
                 continue
             a, b = e.get("eager", {}), e.get("compiled", {})
             if "error" in a or "error" in b:
-                lines.append(f"| {e['method']} | error: {(a.get('error') or b.get('error'))[:120]} |" + " |" * 10)
+                lines.append(f"| {e['method']} | error: {(a.get('error') or b.get('error'))[:120]} |" + " |" * 11)
                 continue
+            name = f"{e['method']} ({e['note']})" if e.get("note") else e["method"]
             lines.append("| " + " | ".join(_cell(v) for v in (
-                e["method"], e["steps"], e["size"], a["it_per_s"], b["it_per_s"], e["speedup"], a["s_per_image"],
-                b["s_per_image"], b["first_s"], a["peak_mib"], b["peak_mib"], e["max_abs_diff"])) + " |")
+                name, e["steps"], e["size"], a["it_per_s"], b["it_per_s"], e["speedup"], a["s_per_image"],
+                b["s_per_image"], b["first_s"], a["peak_mib"], b["peak_mib"], e["max_abs_diff"], b["graphs"])) + " |")
         lines.append("")
     if report.get("decoder"):
         lines += ["## Decoder (one decode)", "",
@@ -369,12 +454,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-warmup", type=int, help="untimed first training steps (default 3; 1 with --tiny)")
     p.add_argument("--backend", help="torch.compile backend (default inductor; eager with --tiny: graph capture "
                                      "only, since CPU code generation takes minutes)")
+    p.add_argument("--recompile-limit", type=int,
+                   help="torch._dynamo recompile limit per module (default: torch's, 8; 1 with --tiny)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --tiny: tiny "
+                                               "tensors gain nothing from more, and on a loaded machine idle "
+                                               "OpenMP threads spinning cost more than the work)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available; cpu with --tiny)")
     args = p.parse_args(argv)
     args.backend = args.backend or ("eager" if args.tiny else "inductor")
+    if args.tiny and args.recompile_limit is None:
+        args.recompile_limit = 1
+    if args.tiny and args.threads is None:
+        args.threads = 1
     args.size = args.size or (64 if args.tiny else 512)
-    args.repeats = args.repeats or (1 if args.tiny else 3)
-    args.train_steps = args.train_steps or (2 if args.tiny else 10)
+    args.repeats = args.repeats if args.repeats is not None else (0 if args.tiny else 3)
+    args.train_steps = args.train_steps or (1 if args.tiny else 10)
     args.train_warmup = args.train_warmup if args.train_warmup is not None else (1 if args.tiny else 3)
     args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -383,17 +477,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    limit = torch._dynamo.config.recompile_limit
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
         "mode": "tiny" if args.tiny else f"SD-1.5-sized random weights, {args.size}²", "dtype": str(dtype),
-        "compile_backend": args.backend,
+        "compile_backend": args.backend, "recompile_limit": args.recompile_limit or limit,
+        "threads": args.threads or torch.get_num_threads(),
+        **({"note": TINY_NOTE} if args.tiny else {}),
         "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
-    if "inference" in parts:
-        report["inference"] = inference(args, device, dtype)
-    if "decoder" in parts:
-        report["decoder"] = decoder(args, device, dtype)
-    if "train" in parts:
-        report["train"] = train(args, device)
+    threads = torch.get_num_threads()
+    if args.recompile_limit is not None:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if "inference" in parts:
+            report["inference"] = inference(args, device, dtype)
+        if "decoder" in parts:
+            report["decoder"] = decoder(args, device, dtype)
+        if "train" in parts:
+            report["train"] = train(args, device)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_check.json").write_text(json.dumps(report, indent=2))

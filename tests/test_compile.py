@@ -138,3 +138,71 @@ def test_compile_flag_reaches_inpainter_and_evaluate_requests():
     assert request["compile"] is False
     args = parser.parse_args(["evaluate", "--compile", "--method", "sd", "--data", "d", "--out", "o"])
     assert MethodRun(**method_requests(args, ["sd"])[0][0]).compile is True
+
+
+def test_evaluation_records_compile_and_dtype_and_refuses_to_merge_mixed_shards(tmp_path):
+    import json
+
+    from asuka.errors import InputError
+    from asuka.evaluation.aggregate import load_shards
+    from asuka.evaluation.distributed import Shard
+    from asuka.evaluation.runner import EvalConfig, MethodRun
+    from asuka.evaluation.scoring import write_shard
+
+    config = EvalConfig(data="data", out="out", methods=[MethodRun("sd", compile=True)])
+    eager, compiled = (config.meta(Inpainter("sd", compile=c).settings()) for c in (False, True))
+    assert (eager["compile"], compiled["compile"], eager["dtype"]) == (False, True, None)
+    half = Inpainter("sd", dtype=torch.bfloat16, compile={"mode": "max-autotune"}).settings()
+    assert half["dtype"] == "bfloat16" and half["compile"] == {"mode": "max-autotune"}
+    json.dumps(half)  # metrics.json and the shard files hold it
+
+    records = [{"key": "a", "domain": "all", "hole_ratio": 0.1}]
+    write_shard(tmp_path / "same", Shard(0, 2).name, records, None, None, compiled)
+    write_shard(tmp_path / "same", Shard(1, 2).name, [{**records[0], "key": "b"}], None, None, compiled)
+    assert [r["key"] for r in load_shards(tmp_path / "same")[1]] == ["a", "b"]
+    write_shard(tmp_path / "mixed", Shard(0, 2).name, records, None, None, eager)
+    write_shard(tmp_path / "mixed", Shard(1, 2).name, [{**records[0], "key": "b"}], None, None, compiled)
+    with pytest.raises(InputError, match="different settings"):
+        load_shards(tmp_path / "mixed")
+
+
+GRAPHS_PER_RESOLUTION = {
+    "hd-painter": 2,  # PAIntA main pass (no grad), RASG gradient pass
+    "harmonpaint": 2,  # main pass, steer (gradient) pass
+    "corrfill": 4,  # gradient, masked, unmasked-estimating and stock passes (tests/test_corrfill_pipeline.py)
+    "pilot": 4,  # main and gradient passes, each once more after its first call fills the lazily built score
+    #              weights / token-mask caches that the guards read (asuka/attention/masks.py, pilot/controls.py)
+}
+
+
+@pytest.mark.parametrize("method", sorted(GRAPHS_PER_RESOLUTION))
+def test_method_controls_recompile_at_most_once_per_resolution(method):
+    """Each method's own attention controls under dynamo, on one tiny-UNet transformer block (where the controls'
+    processors and hooks run; tracing the whole UNet per graph takes tens of seconds on 2 cores): a bounded number of
+    graphs per resolution, whatever the step count; a second generation at the same size, or one with more steps,
+    captures nothing new (a new controller per generation reuses the graphs)."""
+    from asuka.pipelines._registry import get_method
+
+    registered = get_method(method)
+    painter = Inpainter(method, device="cpu", options=dict(registered.quick))
+    inputs = {d.role: "a photo" for d in registered.spec.inputs if d.kind == "text"}
+    block = painter.runner.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    counter = CompileCounter()
+    block.compile(backend=counter)
+    steps = painter.resolved["num_inference_steps"]
+
+    def generate(size, num_steps=steps):
+        painter.resolved = {**painter.resolved, "num_inference_steps": num_steps}
+        image, mask = _image_mask(size, size)
+        reference = {"reference": image.flip(-1)} if any(d.role == "reference" for d in registered.spec.inputs) else {}
+        return painter(image, mask, inputs={**inputs, **reference}, seed=0)
+
+    per_size = []
+    for size in (64, 96):
+        before = counter.frame_count
+        generate(size)
+        per_size.append(counter.frame_count - before)
+        generate(size)
+        generate(size, steps + 2)
+        assert counter.frame_count - before == per_size[-1], f"{method}: recompiled at the same size {size}"
+    assert per_size[0] >= 1 and max(per_size) <= GRAPHS_PER_RESOLUTION[method], (method, per_size)

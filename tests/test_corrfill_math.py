@@ -52,6 +52,23 @@ def test_upsample_keys_preserves_mass_and_maps_a_peak_to_its_block():
     assert (block == block.max()).all() and up.max() == block.max()
 
 
+@pytest.mark.parametrize("n, side", [(1, 8), (2, 8), (4, 8), (16, 64)])
+def test_upsample_keys_is_bilinear_with_exact_edge_copies(n, side):
+    """F.interpolate's bilinear sampling to float32 rounding, and the clamped edge keys (ratio / 2 of them on each
+    side) are exact copies of their source, so their matching scores tie exactly (F.interpolate's (1-w)a + wa does
+    not always give a: a near-tie whose winner depends on rounding elsewhere)."""
+    torch.manual_seed(0)
+    maps = torch.rand(2, 3, n * n)
+    up = cr.upsample_keys(maps, side)
+    dense = F.interpolate(maps.view(2, 3, n, n), size=(side, side), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, dense.reshape(2, 3, -1) / (side // n) ** 2, rtol=1e-6, atol=0)
+    edge = side // n // 2
+    grid = up.view(2, 3, side, side) * (side // n) ** 2
+    source = maps.view(2, 3, n, n)
+    assert torch.equal(grid[..., -edge:, -edge:], source[..., -1:, -1:].expand(2, 3, edge, edge))
+    assert torch.equal(grid[..., :edge, :edge], source[..., :1, :1].expand(2, 3, edge, edge))
+
+
 def test_vote_equals_the_dense_sum_of_clamped_median_subtracted_resized_maps():
     torch.manual_seed(0)
     side = 8

@@ -11,8 +11,8 @@ items with the same seeds, plus ``OUT/comparison.{md,json,png}`` (:mod:`.compare
 resumed on their own.
 
 ``metrics.json`` records how its numbers were made (:meth:`EvalConfig.meta`): method, weights, decoder, preset,
-every option value, extra inputs, seed and seed rule, data and metric settings; shards made with different
-settings refuse to merge.
+every option value, dtype and compile, extra inputs, seed and seed rule, data and metric settings; shards made with
+different settings refuse to merge.
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def merge(out: str | Path, *, count: int | None = None) -> dict:
                             {name: p for name, (_, p) in results.items()}, count=REPORT_GRID)
 
 
-_PER_METHOD = {"method", "model", "decoder", "preset", "options", "weights", "inputs", "seed_rule"}
+_PER_METHOD = {"method", "model", "decoder", "preset", "options", "weights", "inputs", "seed_rule", "dtype",
+               "compile"}
 
 
 def _check_comparable(results: Mapping[str, dict]) -> None:

@@ -193,16 +193,18 @@ def decode(vae: Any, latents: torch.Tensor, *, image: torch.Tensor | None = None
 
 
 def finish(pipe: Any, decoded: torch.Tensor, *, image: torch.Tensor, mask: torch.Tensor, paste_back: bool,
-           output_type: str, pad: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Any:
+           output_type: str, pad: tuple[int, int, int, int] = (0, 0, 0, 0), denormalize: bool = True) -> Any:
     """Decoded images in [-1, 1] -> the pipeline's ``output_type``: known pixels of ``image`` pasted back exactly
-    (optional; ``mask`` 1 = hole), the padding added for the size multiple cropped, then diffusers' postprocess."""
+    (optional; ``mask`` 1 = hole), the padding added for the size multiple cropped, then diffusers' postprocess.
+    ``denormalize=False`` keeps ``output_type="pt"`` in [-1, 1] (asuka's tensor convention; CorrFill)."""
     from asuka.tensors import crop_padding
     from asuka.tensors import paste_back as paste_known_pixels
 
     if paste_back:
         decoded = paste_known_pixels(decoded.float(), image.to(decoded.device), mask.to(decoded.device))
     decoded = crop_padding(decoded, pad)
-    return pipe.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0])
+    return pipe.image_processor.postprocess(decoded, output_type=output_type,
+                                            do_denormalize=[denormalize] * decoded.shape[0])
 
 
 __all__ = ["AlphaBar", "finish", "Step", "cfg_noise", "check_callback_inputs", "ddim_sigma", "decode", "denoise", "guide",

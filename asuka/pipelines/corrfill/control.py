@@ -35,9 +35,11 @@ class CorrFillState:
         self.P_o = torch.full_like(self.P, float("nan"))
         self.rho = torch.ones(batch, device=device, dtype=dtype)  # the code's initial adaptive weight
         self.phase = OFF
-        self.step = 0
+        self.step = 0  # the loop's step index (bookkeeping: nothing reads it inside a UNet pass)
+        self.masking = False  # this pass adds the Eq. 3-4 mask (set per pass by the loop: a bool, not a step count)
+        self.replaying = False  # backward of the gradient pass: checkpointed layers run again and must not vote
         self.collected: list[torch.Tensor] = []
-        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+        self._rows = _target_rows_per_side(side, device)  # read-only during a pass (torch.compile guards stay fixed)
         self._masks: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- estimation
@@ -48,15 +50,20 @@ class CorrFillState:
         self.P_o.fill_(float("nan"))
         self._masks.clear()
 
+    def begin_pass(self, phase: str, masking: bool = False) -> None:
+        """Set the phase and masking flag of the next UNet pass and drop the previous pass's cached masks: the
+        UNet then always starts from the same Python state, so a compiled UNet (``torch.compile``) keeps one graph
+        per kind of pass instead of recompiling for every step."""
+        self.phase, self.masking = phase, masking
+        self._masks.clear()
+
     def target_rows(self, grid: tuple[int, int]) -> torch.Tensor:
         """Indices of the target-half tokens of a ``(h, 2h)`` stitched grid, row-major over the target half."""
-        if grid not in self._rows:
-            h, w = grid
-            if w != 2 * h:
-                raise ValueError(f"CorrFill needs a stitched token grid of width 2 x height, got {h}x{w}")
-            rows = torch.arange(h, device=self.device)[:, None] * w + h + torch.arange(h, device=self.device)
-            self._rows[grid] = rows.reshape(-1)
-        return self._rows[grid]
+        h, w = grid
+        if w != 2 * h or h not in self._rows:
+            raise ValueError(f"CorrFill needs a stitched token grid of width 2 x height (height {self.side} / 2^k), "
+                             f"got {h}x{w}")
+        return self._rows[h]
 
     def vote(self, tar2ref: torch.Tensor) -> None:
         """Add a layer's ``(B, n*n, n*n)`` target->reference map to the matching map and re-estimate P."""
@@ -92,6 +99,18 @@ class CorrFillState:
         return torch.stack(losses).mean(0)
 
 
+def _target_rows_per_side(side: int, device: torch.device) -> dict[int, torch.Tensor]:
+    """Target-half token indices of the ``(h, 2h)`` grid of every layer resolution ``h = side / 2^k``."""
+    rows = {}
+    h = side
+    while h >= 1:
+        rows[h] = (torch.arange(h, device=device)[:, None] * 2 * h + h + torch.arange(h, device=device)).reshape(-1)
+        if h % 2:
+            break
+        h //= 2
+    return rows
+
+
 def _tar2ref(probs: torch.Tensor) -> torch.Tensor:
     """``(B, n*n, n*2n)`` target-row probabilities over all stitched keys -> ``(B, n*n, n*n)`` reference keys."""
     batch, rows, keys = probs.shape
@@ -123,6 +142,8 @@ class MatchReader(AttentionControl):
 
     def on_read(self, call, maps: torch.Tensor) -> None:
         s = self.state
+        if s.replaying:  # gradient checkpointing recomputes the layer in backward: it was counted in forward
+            return
         tar2ref = _tar2ref(maps)
         if self._votes(call.layer) and (s.phase == MAIN or s.config.vote_in_grad_pass):
             s.vote(tar2ref)
@@ -138,8 +159,7 @@ class CorrespondenceMask(AttentionControl):
         self.state = state
 
     def active(self, layer, state) -> bool:
-        s = self.state
-        return s.phase == MAIN and s.step < s.config.masking_steps
+        return self.state.phase == MAIN and self.state.masking
 
     def row_bias(self, call) -> RowBias:
         s = self.state

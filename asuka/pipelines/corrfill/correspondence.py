@@ -34,14 +34,33 @@ def grid_side(tokens: int) -> int:
     return side
 
 
+def _lerp_axis(x: torch.Tensor, dim: int, side: int) -> torch.Tensor:
+    """Linear upsampling of axis ``dim`` of ``x`` to ``side`` samples with ``F.interpolate``'s sampling
+    (``align_corners=False``, source positions clamped to the edges), as ``lerp(a, b, w)``: where the two sources
+    coincide (the clamped edges) the result is the source exactly."""
+    n = x.shape[dim]
+    src = ((torch.arange(side, device=x.device, dtype=torch.float64) + 0.5) * (n / side) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp_max(n - 1)
+    hi = (lo + 1).clamp_max(n - 1)
+    weight = (src - lo).to(x.dtype).view([side] + [1] * (x.dim() - 1 - dim % x.dim()))
+    return torch.lerp(x.index_select(dim, lo), x.index_select(dim, hi), weight)
+
+
 def upsample_keys(maps: torch.Tensor, side: int) -> torch.Tensor:
     """``(B, Q, n*n)`` target->reference maps over keys of a side-``n`` grid -> ``(B, Q, side*side)``: bilinear
-    upsampling of the key grid, divided by the squared ratio (about mass-preserving)."""
+    upsampling of the key grid (the official code's ``F.interpolate(mode="bilinear")``), divided by the squared
+    ratio (about mass-preserving).
+
+    Computed per axis as ``lerp``, so keys that repeat one source value (the clamped edges: the last ``ratio / 2``
+    rows and columns) get exactly that value: their matching scores tie exactly and the argmax takes the first.
+    ``F.interpolate``'s ``(1 - w) a + w a`` differs from ``a`` in the last bit, a near-tie whose winner then depends on
+    rounding elsewhere (batch size, kernel choice). Within a few float32 ulps of ``F.interpolate`` otherwise."""
     batch, queries, keys = maps.shape
     n = grid_side(keys)
     if n == side:
         return maps
-    up = F.interpolate(maps.reshape(batch, queries, n, n), size=(side, side), mode="bilinear", align_corners=False)
+    grid = maps.reshape(batch, queries, n, n)
+    up = _lerp_axis(_lerp_axis(grid, -1, side), -2, side)
     return up.reshape(batch, queries, side * side) / (side // n) ** 2
 
 

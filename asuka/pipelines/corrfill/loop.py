@@ -17,6 +17,7 @@ numbers, so the eta noise sequence is the baseline's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +52,19 @@ def _cond_half(value: Any, cfg: bool) -> Any:
     if isinstance(value, dict):
         return {k: _cond_half(v, cfg) for k, v in value.items()}
     return value
+
+
+@contextmanager
+def _checkpointing(unet: Any, on: bool):
+    """diffusers' gradient checkpointing on ``unet`` inside the block (when ``on`` and not already on), restored."""
+    switch = on and not getattr(unet, "is_gradient_checkpointing", True)
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
 
 
 def step_sigmas(scheduler: Any, timesteps: torch.Tensor, eta: float, device: torch.device) -> list[torch.Tensor]:
@@ -104,14 +118,18 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
         t = step.timestep
         state.collected = []
         controller.state.cfg = False
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _checkpointing(pipe.unet, config.gradient_checkpointing):
             hidden = _autograd_ready(_cond_half(tensors["prompt_embeds"], cfg))
             kwargs = _autograd_ready(_cond_half(unet_kwargs, cfg))
             extra = _autograd_ready({name: _cond_half(tensors[name], cfg) for name in channels})
             z = _autograd_ready(latents.detach()).requires_grad_(True)
             pipe.unet(model_input(z, t, extra, False), t, encoder_hidden_states=hidden, return_dict=False, **kwargs)
             loss = state.loss().sum() * config.loss_rescale
-            (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+            state.replaying = True  # a UNet with gradient checkpointing re-runs its layers now: no second vote
+            try:
+                (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+            finally:
+                state.replaying = False
         state.collected = []
         grad = torch.zeros_like(latents) if grad is None else grad / config.loss_rescale
         return guidance.normalized_gradient(grad[..., side:])
@@ -123,19 +141,20 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
         if i < config.optimize_steps:
             if i == 0:
                 state.reset()
-            state.phase = GRAD
+            state.begin_pass(GRAD)
             directions[i] = gradient_pass(step, latents, tensors)
             if on_grad_pass is not None:
                 on_grad_pass(i)
         if i == 0:
             state.reset()
-        state.phase = MAIN if i < config.estimation_steps else OFF
+        estimating = i < config.estimation_steps
+        state.begin_pass(MAIN if estimating else OFF, masking=i < config.masking_steps)
         controller.state.cfg = cfg
         eps = cfg_noise(pipe.unet, model_input(latents, step.timestep, tensors, cfg), step.timestep,
                         tensors["prompt_embeds"], guidance_scale, cfg=cfg, **unet_kwargs)
-        if state.phase == MAIN:
+        if estimating:
             state.update_rho()
-        state.phase = OFF
+        state.begin_pass(OFF)
         return eps
 
     def after(step, latents, tensors):

@@ -10,7 +10,7 @@ attention control for all four baselines of the paper (Sec. 4.1):
 
 Inputs follow asuka's conventions: images ``(B,3,H,W)`` in [-1, 1], masks ``(B,1,H,W)`` with 1 = hole, square
 halves; the output is the target half decoded from the stitched ``H x 2W`` result and composited with the original
-outside the hole (``M * crop + (1 - M) * target``, the official evaluation). Any ``AsymmetricAutoencoderKL``
+outside the hole (``M * crop + (1 - M) * target`` for the binary mask, the official evaluation). Any ``AsymmetricAutoencoderKL``
 (asuka's ``HarmonizingDecoderKL``) decodes with the stitched image and mask.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import PaintByExamplePipeline, StableDiffusionInpaintPipeline
 
-from asuka.pipelines._sampling import check_callback_inputs, decode
+from asuka.pipelines._sampling import check_callback_inputs, decode, finish
 from asuka.pipelines.corrfill.config import CorrFillConfig
 from asuka.pipelines.corrfill.loop import corrfill_denoise
 from asuka.pipelines.corrfill.stitching import stitch, target_half
@@ -39,11 +39,13 @@ class CorrFillOutput:
 
 def _composite(pipe: Any, latents: torch.Tensor, stitched_image: torch.Tensor, stitched_mask: torch.Tensor,
                image: torch.Tensor, mask: torch.Tensor, generator) -> CorrFillOutput:
+    """Decode the stitched result, crop the target half and paste the target's known pixels back (the shared tail,
+    :func:`~asuka.pipelines._sampling.finish`; mask >= 0.5 = hole, as the model's input)."""
     decoded = decode(pipe.vae, latents, image=stitched_image, mask=stitched_mask, generator=generator)
     decoded = decoded.float().clamp(-1, 1)
-    crop = target_half(decoded)
-    m = mask.to(crop)
-    return CorrFillOutput(m * crop + (1 - m) * image.to(crop), decoded)
+    images = finish(pipe, target_half(decoded), image=image.float(), mask=mask, paste_back=True, output_type="pt",
+                    denormalize=False)
+    return CorrFillOutput(images, decoded)
 
 
 def _reference_pixels(feature_extractor: Any, reference: torch.Tensor) -> torch.Tensor:
