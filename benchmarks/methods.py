@@ -8,9 +8,11 @@ Each row runs a method and its base pipeline through :class:`asuka.api.Inpainter
 under ``$ASUKA_CACHE``/``~/.cache/asuka`` as ``sd15-random-*``, about 4 GB each) and ``--steps`` denoising steps, a
 centred square hole of 25 %, batch 1. After one warm-up call each, method and base are called alternately
 ``--repeats`` times (so machine load spreads evenly) and the median time is reported; the ratios come from the
-same run. ``--sequential`` keeps one model in memory at a time (all method calls, then all base calls) for machines
-that cannot hold both. Peak memory is the growth of resident memory during a call over the memory before it (sampled every
-5 ms from ``/proc/self/statm``; on CUDA ``torch.cuda.max_memory_allocated`` growth), plus the weights' size.
+same run; the CPU-time ratio (``time.process_time``, every thread of the process) is the one to trust on a shared
+machine, where other processes' load inflates wall time unevenly. ``--sequential`` keeps one model in memory at a
+time (all method calls, then all base calls) for machines that cannot hold both. Peak memory is the growth of
+resident memory during a call over the memory before it (sampled every 5 ms from ``/proc/self/statm``; on CUDA
+``torch.cuda.max_memory_allocated`` growth), plus the weights' size.
 
 **Adding a row** (one small function per method): write ``def row_<method>() -> Row`` returning the method, its
 base method, the model folders for both (cached SD-sized random weights: reuse :func:`sd15_inpaint_dir` or write
@@ -132,11 +134,10 @@ def harmonpaint_steps(requested: int) -> int:
     (2 steps, t = 501, 1, would have no structure step; 4 steps, one of four.)"""
     from fractions import Fraction
 
-    from diffusers import DDIMScheduler
-
+    from asuka.models.tiny import ddim_scheduler
     from asuka.pipelines.harmonpaint.schedule import plan_steps
 
-    scheduler = DDIMScheduler.from_pretrained(sd15_inpaint_dir(), subfolder="scheduler")
+    scheduler = ddim_scheduler()  # the one sd15_inpaint_dir ships (SD-1.5's DDIM settings)
 
     def share(steps: int) -> Fraction:
         scheduler.set_timesteps(steps)
@@ -317,6 +318,7 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
     inputs = {side: {r: v for r, v in row.inputs.items() if any(i.role == r for i in p.spec.inputs)}
               for side, p in painters.items()}
     times: dict[str, list[float]] = {side: [] for side in painters}
+    cpu_times: dict[str, list[float]] = {side: [] for side in painters}
     peaks: dict[str, int] = {side: 0 for side in painters}
     weights: dict[str, int] = {}
     calls: dict[str, dict[bool, int]] = {side: {} for side in painters}
@@ -324,11 +326,12 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
     def call(side: str) -> None:
         calls[side] = {}
         with _count_unet_calls(painters[side], calls[side]), PeakMemory(device) as peak:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             painters[side](image, mask, inputs=inputs[side], seed=0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[side].append(time.perf_counter() - start)
+            cpu_times[side].append(time.process_time() - cpu_start)
         peaks[side] = max(peaks[side], peak.peak)
 
     groups = [[side] for side in painters] if sequential else [list(painters)]
@@ -345,11 +348,13 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
     result = {"method": row.method, "base": row.base, "steps": steps}
     for side in painters:
         result[f"{side}_s"] = statistics.median(times[side])
+        result[f"{side}_cpu_s"] = statistics.median(cpu_times[side])
         result[f"{side}_peak_gb"] = peaks[side] / 2**30
         result[f"{side}_weights_gb"] = weights[side] / 2**30
         result[f"{side}_unet_forward"] = sum(calls[side].values())
         result[f"{side}_unet_backward"] = calls[side].get(True, 0)
     result["time_ratio"] = result["method_s"] / result["base_s"]
+    result["cpu_time_ratio"] = result["method_cpu_s"] / result["base_cpu_s"]
     result["peak_ratio"] = result["method_peak_gb"] / max(result["base_peak_gb"], 1e-9)
     return result
 
@@ -357,13 +362,16 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
 def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device: torch.device) -> str:
     lines = [f"Methods vs base, {resolution}², {steps} steps, batch 1, {device.type}, "
              f"{torch.get_num_threads()} threads, SD-1.5-sized random weights", "",
-             "| method | base | s / image | base s / image | time ratio | peak GB (call) | base peak GB | "
-             "peak ratio | weights GB | base weights GB | UNet fwd (bwd) | base UNet fwd (bwd) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | base | s / image | base s / image | time ratio | CPU s | base CPU s | CPU-time ratio | "
+             "peak GB (call) | base peak GB | peak ratio | weights GB | base weights GB | UNet fwd (bwd) | "
+             "base UNet fwd (bwd) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         method = r["method"] if r["steps"] == steps else f"{r['method']} ({r['steps']} steps)"
         lines.append(f"| {method} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
-                     f"{r['time_ratio']:.2f} | {r['method_peak_gb']:.2f} | {r['base_peak_gb']:.2f} | "
+                     f"{r['time_ratio']:.2f} | {r['method_cpu_s']:.2f} | {r['base_cpu_s']:.2f} | "
+                     f"{r['cpu_time_ratio']:.2f} | {r['method_peak_gb']:.2f} | "
+                     f"{r['base_peak_gb']:.2f} | "
                      f"{r['peak_ratio']:.2f} | {r['method_weights_gb']:.2f} | {r['base_weights_gb']:.2f} | "
                      f"{r['method_unet_forward']} ({r['method_unet_backward']}) | "
                      f"{r['base_unet_forward']} ({r['base_unet_backward']}) |")

@@ -255,11 +255,24 @@ def test_compiled_unet_keeps_one_graph_per_kind_of_pass(tiny_one_level_pipe):
         torch._dynamo.reset()
 
 
-def test_gradient_checkpointing_in_the_unet_changes_nothing(pipe):
+def test_gradient_checkpointing_changes_nothing(pipe, monkeypatch):
     """diffusers checkpoints whenever autograd is on, so the gradient pass's backward re-runs the self-attention
-    layers: they must not vote or collect maps again (the official code's diffusers 0.21 did not checkpoint in eval)."""
+    layers: they must not vote or collect maps again (the official code's diffusers 0.21 did not checkpoint in eval).
+    Both ways: the ``gradient_checkpointing`` setting (switched on for the gradient pass only, then restored) and a
+    UNet the caller checkpoints."""
+    from dataclasses import replace
+
+    from asuka.pipelines.corrfill.control import MatchReader
+
+    reads = []
+    on_read = MatchReader.on_read
+    monkeypatch.setattr(MatchReader, "on_read", lambda self, call, maps: (reads.append(1), on_read(self, call, maps)))
     ref, img, mask = inputs()
     expected = run(pipe, FULL, ref, img, mask)
+    plain = len(reads)
+    assert torch.equal(run(pipe, replace(FULL, gradient_checkpointing=True), ref, img, mask), expected)
+    assert len(reads) - plain > plain  # the backward re-ran the layers
+    assert not pipe.unet.is_gradient_checkpointing
     pipe.unet.enable_gradient_checkpointing()
     try:
         assert torch.equal(run(pipe, FULL, ref, img, mask), expected)

@@ -350,6 +350,14 @@ def test_phase_split_at_50_ddim_steps():  # T3 (timesteps)
     assert all(p.makvs and not p.sams and not p.steer for p in plans[20:])
 
 
+def test_benchmark_steps_keep_the_papers_structure_share():  # benchmarks/methods.py's harmonpaint row
+    from benchmarks.methods import harmonpaint_steps
+
+    assert [harmonpaint_steps(n) for n in (1, 2, 4, 5, 6, 10, 11, 50)] == [5, 5, 5, 5, 10, 10, 20, 50]
+    for steps in (5, 10, 20):  # 2 steps (t = 501, 1) would have no structure step, 4 steps one of four
+        assert sum(p.structure for p in plan_steps(_ddim_timesteps(steps))) * 5 == steps * 2
+
+
 def test_phase_follows_the_timestep_value_not_the_step_index():
     timesteps = _ddim_timesteps(10)  # 901, 801, ..., 1
     assert [p.structure for p in plan_steps(timesteps)] == [t >= 600 for t in timesteps]

@@ -54,6 +54,9 @@ OPTIONS = (
     Option("enable_filter", "bool", True, "dominant-token filter", "paper §3.3"),
     Option("enable_smoothing", "bool", True, "correspondence smoothing (Eq. 2)", "paper §3.3"),
     Option("enable_latent_opt", "bool", True, "latent optimisation (Eq. 5)", "paper §3.5"),
+    Option("gradient_checkpointing", "bool", False, "checkpoint the UNet's blocks in the gradient pass: less "
+           "memory (autograd keeps block inputs only), one more forward of the conditional half per optimised step",
+           "diffusers enable_gradient_checkpointing"),
     Option("dominant_bank_update", "str", None, "matching-map entries zeroed for dominant tokens; none = the "
            "profile's (code_compat / zero_pair)", _CODE, choices=BANK_UPDATES, nullable=True),
     Option("mask_uncond_branch", "bool", None, "also mask the unconditional CFG branch; none = the profile's",

@@ -56,11 +56,12 @@ class CorrFillConfig:
     # Behaviours where the paper and the code differ (see PROFILES).
     dominant_bank_update: str = "code_compat"
     mask_uncond_branch: bool = False
-    # Efficiency: heads per chunk when attention probabilities are formed explicitly (0: all heads at once).
-    head_chunk: int = 1
+    # Memory: checkpoint the UNet's blocks in the gradient pass (diffusers' gradient checkpointing): autograd keeps
+    # block inputs only and re-runs each block in backward -- one more forward of the conditional half per step.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("step_masking", "step_optimize", "dominant_thresh", "min_valid", "head_chunk"):
+        for name in ("step_masking", "step_optimize", "dominant_thresh", "min_valid"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"must be an integer >= 0, got {value!r}", f"options.{name}")

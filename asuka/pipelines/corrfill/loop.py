@@ -17,6 +17,7 @@ numbers, so the eta noise sequence is the baseline's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +52,19 @@ def _cond_half(value: Any, cfg: bool) -> Any:
     if isinstance(value, dict):
         return {k: _cond_half(v, cfg) for k, v in value.items()}
     return value
+
+
+@contextmanager
+def _checkpointing(unet: Any, on: bool):
+    """diffusers' gradient checkpointing on ``unet`` inside the block (when ``on`` and not already on), restored."""
+    switch = on and not getattr(unet, "is_gradient_checkpointing", True)
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
 
 
 def step_sigmas(scheduler: Any, timesteps: torch.Tensor, eta: float, device: torch.device) -> list[torch.Tensor]:
@@ -104,7 +118,7 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
         t = step.timestep
         state.collected = []
         controller.state.cfg = False
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _checkpointing(pipe.unet, config.gradient_checkpointing):
             hidden = _autograd_ready(_cond_half(tensors["prompt_embeds"], cfg))
             kwargs = _autograd_ready(_cond_half(unet_kwargs, cfg))
             extra = _autograd_ready({name: _cond_half(tensors[name], cfg) for name in channels})

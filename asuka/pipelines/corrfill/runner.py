@@ -137,7 +137,8 @@ class CorrFillRunner(PipelineRunner):
                  smooth_window: float | None = None, mask_boost: float | None = None,
                  str_optimize: float | None = None, vote_layers: tuple[int, ...] | None = None,
                  enable_masking: bool = True, enable_filter: bool = True, enable_smoothing: bool = True,
-                 enable_latent_opt: bool = True, dominant_bank_update: str | None = None,
+                 enable_latent_opt: bool = True, gradient_checkpointing: bool = False,
+                 dominant_bank_update: str | None = None,
                  mask_uncond_branch: bool | None = None, prompt_embeds: str | None = None,
                  negative_prompt_embeds: str | None = None, ip_adapter: str | None = None,
                  ip_adapter_subfolder: str = "models",
@@ -152,6 +153,7 @@ class CorrFillRunner(PipelineRunner):
                      mask_uncond_branch=mask_uncond_branch)
         config = make_config(baseline, profile=profile, enable_masking=enable_masking, enable_filter=enable_filter,
                              enable_smoothing=enable_smoothing, enable_latent_opt=enable_latent_opt,
+                             gradient_checkpointing=gradient_checkpointing,
                              **{k: v for k, v in given.items() if v is not None})
         scale = GUIDANCE[baseline] if guidance_scale is None else guidance_scale
         self.pipe.set_progress_bar_config(disable=not progress_bar)

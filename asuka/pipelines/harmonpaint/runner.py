@@ -33,9 +33,8 @@ def build_harmonpaint(model: str | Path, *, device: torch.device, dtype: torch.d
                       vae: Any = None) -> HarmonPaintRunner:
     """Load :class:`HarmonPaintPipeline` from ``model`` (safety checker off); ``vae`` replaces the folder's VAE
     (e.g. a ``HarmonizingDecoderKL``, which then decodes with the image and the mask)."""
-    overrides = {} if vae is None else {"vae": vae.to(dtype)}
-    pipe = load_pipeline(HarmonPaintPipeline, model, dtype, safety_checker=None, requires_safety_checker=False,
-                         **overrides)
+    pipe = load_pipeline(HarmonPaintPipeline, model, dtype, vae=vae, safety_checker=None,
+                         requires_safety_checker=False)
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     return HarmonPaintRunner(pipe.to(device))
