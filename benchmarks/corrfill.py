@@ -2,7 +2,8 @@
 same baseline without CorrFill, at the paper's 512x1024 stitched size with SD-sized random weights.
 
     python benchmarks/corrfill.py [--baseline side-by-side|paint-by-example] [--size 512] [--steps 1]
-                                  [--device cpu|cuda] [--threads 2] [--warmup] [--json out.json]
+                                  [--device cpu|cuda] [--threads 2] [--warmup] [--gradient-checkpointing]
+                                  [--json out.json]
 
 Configurations (see :func:`measure`): ``baseline``: CorrFill off -- the stitched baseline, bit-identical to diffusers'
 pipeline; ``masking``: masking, filter and smoothing, no latent optimisation; ``full``: everything, every step
@@ -78,13 +79,13 @@ def _rss_gib(field: str) -> float:
 
 def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, device: str = "cpu",
             dtype: str = "float32", threads: int = 2, warmup: bool = False,
-            order: tuple[str, ...] = ("full", "masking", "baseline")) -> dict:
+            order: tuple[str, ...] = ("full", "masking", "baseline"), gradient_checkpointing: bool = False) -> dict:
     """Time the three configurations in this process (seconds per image for ``steps`` steps, VAE decode excluded:
     it is the same in all three, so the ratios are conservative) and their peak memory: on CPU the peak RSS of the
     process during that configuration (the kernel's counter, reset before each; it includes the weights), on CUDA
     the peak allocated. The full method runs first, so it pays the process's first-call costs (page faults of new
     allocations, kernel selection): ratios are conservative without a warm-up; ``warmup`` adds a one-step baseline
-    call first."""
+    call first. ``gradient_checkpointing``: the full method with the UNet's blocks checkpointed in the gradient pass."""
     import torch
 
     from asuka.pipelines.corrfill.config import make_config
@@ -100,7 +101,8 @@ def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, dev
     configs = {
         "baseline": make_config(baseline, enable_masking=False, enable_latent_opt=False),
         "masking": make_config(baseline, enable_latent_opt=False, step_masking=steps),
-        "full": make_config(baseline, step_masking=steps, step_optimize=steps),
+        "full": make_config(baseline, step_masking=steps, step_optimize=steps,
+                            gradient_checkpointing=gradient_checkpointing),
     }
 
     def call(config, n):
@@ -133,7 +135,7 @@ def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, dev
     for row in rows.values():
         row["ratio"] = row["seconds"] / base
     return {"baseline": baseline, "size": f"{size}x{2 * size}", "steps": steps, "device": device, "dtype": dtype,
-            "threads": threads, "after_loading_gib": weights_gib, **{name: rows[name] for name in configs}}
+            "threads": threads, "gradient_checkpointing": gradient_checkpointing, "after_loading_gib": weights_gib, **{name: rows[name] for name in configs}}
 
 
 def main(argv=None) -> None:
@@ -145,9 +147,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", action="store_true", help="a one-step baseline call before the measured ones")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the full method with the UNet's blocks checkpointed in the gradient pass")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    result = measure(args.baseline, args.size, args.steps, args.device, args.dtype, args.threads, args.warmup)
+    result = measure(args.baseline, args.size, args.steps, args.device, args.dtype, args.threads, args.warmup,
+                     gradient_checkpointing=args.gradient_checkpointing)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

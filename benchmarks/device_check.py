@@ -141,8 +141,9 @@ def flux_fill_asuka_dir(depth: tuple[int, int] = FLUX_CHECK_DEPTH) -> Path:
                 shift_factor=FLUX_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
             mae = MAEPrior()
             aligner = FluxPriorAligner(in_dim=mae.feature_dim, null_tokens=mae.num_tokens)
-        AsukaFluxFillPipeline(vae=HarmonizingDecoderKL.from_vae(vae), transformer=transformer,
-                              scheduler=flux_scheduler(), mae=mae.eval(), aligner=aligner.eval()).save_pretrained(folder)
+        pipe = AsukaFluxFillPipeline(vae=HarmonizingDecoderKL.from_vae(vae), transformer=transformer,
+                                     scheduler=flux_scheduler(), mae=mae.eval(), aligner=aligner.eval())
+        pipe.save_pretrained(folder)
 
     return cached_pipeline_dir(f"flux-fill-{depth[0]}x{depth[1]}-random-asuka", write)
 

@@ -236,7 +236,12 @@ def test_compiled_unet_keeps_one_graph_per_kind_of_pass(tiny_one_level_pipe):
     gradient pass and the masked main pass are one graph each at a resolution, whatever the number of steps (the
     controls gate on a per-pass flag, never on the step index, and the state's dicts do not change shape during a
     pass); a second generation at the same size compiles nothing; the result is eager's bit for bit. A one-level
-    UNet (4 self-attention layers, all voting) keeps the tracing short."""
+    UNet (4 self-attention layers, all voting) keeps the tracing short.
+
+    Tolerance: with inductor (code generation, minutes on this CPU, so not run here) the tiny pipeline's latents
+    differed from eager by 9.5e-6 at most (FULL, 3 steps) -- float32 rounding of fused kernels. No bound is asserted
+    for it: on random weights, where top-2 margins of 1e-9 are common, such rounding can flip a correspondence (see
+    the batch tests above), and one flip changes the latents by ~0.1."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
