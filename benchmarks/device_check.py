@@ -163,7 +163,8 @@ def method_cases(tiny: bool, steps: int) -> list[dict[str, Any]]:
             case = dict(method=name, model=None, options=dict(registered.quick), inputs={}, weights={})
         elif name in rows:
             row = rows[name]
-            case = dict(method=name, model=row.model, options={**row.options, "num_inference_steps": steps},
+            row_steps = steps if row.steps is None else row.steps(steps)   # e.g. HarmonPaint's structure/style share
+            case = dict(method=name, model=row.model, options={**row.options, "num_inference_steps": row_steps},
                         inputs=dict(row.inputs), weights=dict(row.weights))
         elif name == "asuka-flux":  # bf16 whatever --dtype: the release's setting (FLUX activations overflow fp16)
             case = dict(method=name, model=flux_fill_asuka_dir, options={"num_inference_steps": steps}, inputs={},
