@@ -141,8 +141,9 @@ def flux_fill_asuka_dir(depth: tuple[int, int] = FLUX_CHECK_DEPTH) -> Path:
                 shift_factor=FLUX_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
             mae = MAEPrior()
             aligner = FluxPriorAligner(in_dim=mae.feature_dim, null_tokens=mae.num_tokens)
-        AsukaFluxFillPipeline(vae=HarmonizingDecoderKL.from_vae(vae), transformer=transformer,
-                              scheduler=flux_scheduler(), mae=mae.eval(), aligner=aligner.eval()).save_pretrained(folder)
+        pipe = AsukaFluxFillPipeline(vae=HarmonizingDecoderKL.from_vae(vae), transformer=transformer,
+                                     scheduler=flux_scheduler(), mae=mae.eval(), aligner=aligner.eval())
+        pipe.save_pretrained(folder)
 
     return cached_pipeline_dir(f"flux-fill-{depth[0]}x{depth[1]}-random-asuka", write)
 
@@ -162,7 +163,8 @@ def method_cases(tiny: bool, steps: int) -> list[dict[str, Any]]:
             case = dict(method=name, model=None, options=dict(registered.quick), inputs={}, weights={})
         elif name in rows:
             row = rows[name]
-            case = dict(method=name, model=row.model, options={**row.options, "num_inference_steps": steps},
+            row_steps = steps if row.steps is None else row.steps(steps)   # e.g. HarmonPaint's structure/style share
+            case = dict(method=name, model=row.model, options={**row.options, "num_inference_steps": row_steps},
                         inputs=dict(row.inputs), weights=dict(row.weights))
         elif name == "asuka-flux":  # bf16 whatever --dtype: the release's setting (FLUX activations overflow fp16)
             case = dict(method=name, model=flux_fill_asuka_dir, options={"num_inference_steps": steps}, inputs={},

@@ -25,17 +25,6 @@ from asuka.pipelines.hd_painter.pipeline import HDPainterPipeline, SmallMaskWarn
 SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def tiny_unet(cross_attention_dim: int = 32, seed: int = 0, **kw) -> UNet2DConditionModel:
     """A tiny SD-inpainting UNet: 4 levels, cross-attention in the top three, one layer per down block."""
     config = dict(sample_size=16, in_channels=9, out_channels=4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,

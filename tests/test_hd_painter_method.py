@@ -22,16 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"num_inference_steps": 2, "working_long_side": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_registration_is_torch_free_and_declares_the_official_defaults():
     package = ROOT / "asuka" / "pipelines" / "hd_painter"
     for module in ("__init__.py", "defaults.py"):                    # what `--list-methods` imports: no torch

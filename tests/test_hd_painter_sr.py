@@ -13,17 +13,6 @@ SIZE = 64      # output long side in these tests (2048 by default)
 PAD = 32       # canvas multiple (256 by default)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def upscaler_dir(tmp_path_factory):
     from asuka.models.tiny_upscaler import save_tiny_upscaler

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
-from pilot_support import one_thread, sd_dir  # noqa: F401  (fixtures)
+from pilot_support import sd_dir  # noqa: F401  (fixture)
 
 SIZE = 64
 

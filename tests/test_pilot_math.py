@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from asuka.pipelines.pilot import objective as obj
 from asuka.pipelines.pilot import schedule as sch
-from pilot_support import one_thread  # noqa: F401  (fixture)
 
 
 def assert_equal(actual, expected):

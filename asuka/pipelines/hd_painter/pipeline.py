@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from asuka.errors import InputError
 from asuka.models import decoder as _decoder  # noqa: F401  (from_pretrained resolves a saved HarmonizingDecoderKL)
-from asuka.pipelines._common import prepare_inputs
+from asuka.pipelines._common import per_image, prepare_inputs
 from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, finish, guide,
                                        latent_gradient, previous_timestep, unet_input)
 from asuka.pipelines.hd_painter import rasg as rasg_math
@@ -170,8 +170,8 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
                             mask_dilation)
         image, mask = prepare_inputs(image, mask_image)
         batch = image.shape[0]
-        prompts = _per_sample(prompt, batch, "prompt")
-        negatives = _per_sample(negative_prompt, batch, "negative_prompt")
+        prompts = per_image(prompt, batch, "prompt")
+        negatives = per_image(negative_prompt, batch, "negative_prompt")
         full_prompts = [f"{p}, {positive_prompt}" if positive_prompt else p for p in prompts]
         device = self._execution_device
         dtype = self.unet.dtype
@@ -326,15 +326,6 @@ class _Loop:
         prev, _ = rasg_math.ddim_step(latents, eps, self.alpha_bar(t), self.alpha_bar(previous_timestep(self.sampler, t)),
                                       sigma_t, noise)
         return prev
-
-
-def _per_sample(value: str | list[str], batch: int, name: str) -> list[str]:
-    values = [value] * batch if isinstance(value, str) else list(value)
-    if len(values) == 1 and batch > 1:
-        values = values * batch
-    if len(values) != batch:
-        raise InputError(f"{len(values)} prompts for {batch} images; pass one prompt or one per image", name)
-    return values
 
 
 def _initial_latents(latents, shape, generator, device, dtype) -> torch.Tensor:

@@ -37,7 +37,5 @@ class HDPainterRunner(PipelineRunner):
 def build_hd_painter(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: Any = None) -> HDPainterRunner:
     """Load any SD-inpainting pipeline folder or hub id as :class:`HDPainterPipeline`; ``vae`` (e.g. a
     ``HarmonizingDecoderKL``) replaces its VAE and decodes with the image and the mask."""
-    overrides = {} if vae is None else {"vae": vae.to(dtype)}
-    pipe = load_pipeline(HDPainterPipeline, model, dtype, safety_checker=None, requires_safety_checker=False,
-                         **overrides)
+    pipe = load_pipeline(HDPainterPipeline, model, dtype, vae=vae, safety_checker=None, requires_safety_checker=False)
     return HDPainterRunner(pipe.to(device))

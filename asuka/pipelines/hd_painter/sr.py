@@ -32,7 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from asuka.errors import InputError
-from asuka.pipelines._common import load_image, prepare_inputs
+from asuka.pipelines._common import load_image, per_image, prepare_inputs
 from asuka.tensors import resize_image, to_numpy_uint8
 from asuka.pipelines._sampling import check_callback_inputs
 from asuka.pipelines.hd_painter.blend import poisson_blend
@@ -97,9 +97,7 @@ def _low_res_canvas(low_res: torch.Tensor, hr_size: tuple[int, int], canvas: tup
 
 
 def _prompts(prompt: str | list[str], batch: int, suffix: str) -> list[str]:
-    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != batch:
-        raise InputError(f"{len(prompts)} prompts for {batch} images; pass one prompt or one per image", "prompt")
+    prompts = per_image(prompt, batch, "prompt")
     if not suffix:
         return prompts
     return [f"{p}, {suffix}" if p else suffix for p in prompts]
@@ -225,10 +223,7 @@ class InpaintSRPipeline(DiffusionPipeline):
         # text: [negative, positive] like diffusers
         do_cfg = guidance_scale > 1
         prompts = _prompts(prompt, batch, prompt_suffix)
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != batch:
-            raise InputError(f"{len(negatives)} prompts for {batch} images; pass one or one per image",
-                             "negative_prompt")
+        negatives = per_image(negative_prompt, batch, "negative_prompt")
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, do_cfg, negatives)
         text = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
 
