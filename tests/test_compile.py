@@ -170,8 +170,7 @@ GRAPHS_PER_RESOLUTION = {
     "hd-painter": 2,  # PAIntA main pass (no grad), RASG gradient pass
     "harmonpaint": 2,  # main pass, steer (gradient) pass
     "corrfill": 4,  # gradient, masked, unmasked-estimating and stock passes (tests/test_corrfill_pipeline.py)
-    "pilot": 4,  # main and gradient passes, each once more after its first call fills the lazily built score
-    #              weights / token-mask caches that the guards read (asuka/attention/masks.py, pilot/controls.py)
+    "pilot": 2,  # guided pass, gradient pass (token masks prefilled before the first pass)
 }
 
 

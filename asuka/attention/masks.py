@@ -43,6 +43,13 @@ class TokenMasks:
             self._cache[grid] = self.resize(self.mask, grid).flatten(1)
         return self._cache[grid]
 
+    def prefill(self, grids) -> "TokenMasks":
+        """Resize for every (h, w) grid in ``grids`` now, before the first UNet call: a compiled pass then never sees
+        the cache fill (dynamo guards on its keys, so a fill inside the first pass costs one more graph)."""
+        for grid in grids:
+            self.at(grid)
+        return self
+
     def for_call(self, call: AttentionCall) -> torch.Tensor:
         """(B_call, N) mask for this call's batch and query grid."""
         if call.grid is None:

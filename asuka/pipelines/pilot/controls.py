@@ -13,6 +13,7 @@ Both act only in the phases the pipeline sets on ``controller.state.phase``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from asuka.attention import AttentionControl, LayerTable, Read, TokenMasks
 from asuka.pipelines.pilot.objective import attention_centralisation_term, attention_hole_mask
@@ -36,25 +37,22 @@ def hole_token_masks(latent_hole: torch.Tensor) -> TokenMasks:
 
 
 class BoundaryControl(AttentionControl):
-    """SBC: post-softmax weight keeping BOS everywhere and the other text keys only at hole rows."""
+    """SBC: post-softmax weight keeping BOS everywhere and the other text keys only at hole rows.
+
+    The two rank factors are built per call from the cached token masks (a few kB; no dict of per-shape weights
+    whose first fill a compiled pass would guard on)."""
 
     def __init__(self, masks: TokenMasks):
         self.masks = masks
-        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # built once per grid, batch and keys
 
     def active(self, layer, state) -> bool:
         return state.phase in (GRADIENT_PHASE, GUIDED_PHASE)
 
     def prob_weight(self, call):
-        keys = call.key.shape[2]
-        cache_key = (call.grid, call.batch_size, call.state.cfg, keys)
-        if cache_key not in self._weights:
-            hole = self.masks.for_call(call)  # (B', N)
-            rows = torch.stack([torch.ones_like(hole), hole], dim=-1)[:, None]  # (B', 1, N, 2)
-            bos = torch.zeros(keys, device=hole.device, dtype=hole.dtype)
-            bos[0] = 1
-            self._weights[cache_key] = rows, torch.stack([bos, 1 - bos], dim=-1)[None, None]  # cols (1, 1, keys, 2)
-        return self._weights[cache_key]
+        hole = self.masks.for_call(call)  # (B', N)
+        rows = torch.stack([torch.ones_like(hole), hole], dim=-1)[:, None]  # (B', 1, N, 2)
+        bos = F.one_hot(torch.zeros((), dtype=torch.long, device=hole.device), call.key.shape[2]).to(hole.dtype)
+        return rows, torch.stack([bos, 1 - bos], dim=-1)[None, None]  # cols (1, 1, keys, 2)
 
 
 class CentralisationRecorder(AttentionControl):

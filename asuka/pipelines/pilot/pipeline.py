@@ -278,6 +278,7 @@ class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInver
             has_hole = latent_hole.flatten(1).amax(1).view(-1, 1, 1, 1) > 0
             masks = hole_token_masks(torch.where(has_hole, latent_hole, 1.0))
             cross = controller.layers.select(kind="cross")
+            masks.prefill(layer.grid(latent_hole.shape[-2:]) for layer in cross)
             if sbc:
                 controller.add(BoundaryControl(masks), cross)
             if optimising:
