@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +30,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_overhead import _sync, time_stages  # noqa: E402  (one home for the round-robin timer)
+from measure import PeakMemory, sync, time_stages  # noqa: E402
 
 from asuka.attention import AttentionControl, AttentionController, AttentionStore, Read  # noqa: E402
 from asuka.attention.layers import grid_at_level  # noqa: E402
@@ -113,44 +110,10 @@ def _layer_peak(explicit: bool, tokens: int, batch: int, device_name: str, dtype
     x = torch.randn(batch, tokens, 320).to(device, dtype)
     with torch.inference_mode(), _controller(attn, DenseIdentity() if explicit else Off()):
         if device.type == "cuda":
-            attn(x)  # warm-up (kernels, allocator)
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
+            attn(x)  # warm-up (kernels, allocator); on CPU none: blocks kept by malloc would hide this call's peak
+        with PeakMemory(device, interval=0.0002) as peak:
             attn(x)
-            torch.cuda.synchronize(device)
-            queue.put(torch.cuda.max_memory_allocated(device) - base)
-            return
-        # no warm-up on CPU: blocks kept by malloc after a first call would hide this call's peak
-        base = _rss_bytes()
-        with _PeakRSS() as peak:
-            attn(x)
-        queue.put(peak.bytes - base)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-class _PeakRSS:
-    """Highest resident set size seen by a thread sampling /proc/self/statm every 0.2 ms (torch ops release the GIL)."""
-
-    def __enter__(self):
-        self.bytes, self._stop = _rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.bytes = max(self.bytes, _rss_bytes())
-            time.sleep(0.0002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.bytes = max(self.bytes, _rss_bytes())
+        queue.put(peak.peak)
 
 
 def layer_ratios(resolution: int, batch: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -198,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results = {**layer_ratios(args.resolution, args.batch, args.repeats, device, dtype),
                **unet_ratios(args.resolution, args.batch, args.repeats, device, dtype)}
-    _sync(device)
+    sync(device)
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:<{width}}  {value:.4f}")

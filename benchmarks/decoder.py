@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from asuka.models.decoder import HarmonizingDecoderKL  # noqa: E402
+from benchmarks.measure import sync  # noqa: E402
 
 TIME_GOAL = 1.3
 
@@ -80,11 +81,6 @@ def _decode_fn(which: str, plain, harmonizing, image, mask):
     return lambda z: harmonizing.decode(z, image=image, mask=mask).sample
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_decoder(which: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     plain, harmonizing = load_models(args.vae, args.decoder, dtype)
     plain.to(device)
@@ -101,11 +97,11 @@ def time_decoder(which: str, args, device: torch.device, dtype: torch.dtype) -> 
         counter = FlopCounterMode(display=False)
         with counter:  # warm-up, counting the FLOPs (device-independent cost)
             fn(z)
-        _sync(device)
+        sync(device)
         for _ in range(args.repeats):
             start = time.perf_counter()
             fn(z)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.methods import ROWS, PeakMemory  # noqa: E402
+from benchmarks.measure import PeakMemory, sync  # noqa: E402
+from benchmarks.methods import ROWS  # noqa: E402
 
 PARTS = ("inference", "decoder", "train")
 
@@ -55,11 +56,6 @@ TINY_NOTE = ("Tiny run: it checks the plumbing (every row and column, eager vs c
              "calls; 0 = all reused or eager). tests/test_compile.py checks each method's controls under dynamo.")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
@@ -67,11 +63,11 @@ def _mib(n: int | None) -> float | None:
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float], int, Any]:
     """(first call seconds, timed seconds, peak memory growth, last result). ``repeats`` = 0 times the first call
     alone (``--tiny``: its numbers show the plumbing, not speed); then the peak covers the first call."""
-    _sync(device)
+    sync(device)
     with PeakMemory(device) as first_peak:
         start = time.perf_counter()
         result = fn()
-        _sync(device)
+        sync(device)
         first = time.perf_counter() - start
     if repeats == 0:
         return first, [first], first_peak.peak, result
@@ -80,7 +76,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[f
         for _ in range(repeats):
             start = time.perf_counter()
             result = fn()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
     return first, times, peak.peak, result
 
@@ -349,11 +345,11 @@ def train(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             self.times: list[float] = []
 
         def on_train_batch_start(self, *_):
-            _sync(device)
+            sync(device)
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, *_):
-            _sync(device)
+            sync(device)
             self.times.append(time.perf_counter() - self._start)
 
     results = []

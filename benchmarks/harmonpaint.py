@@ -25,10 +25,9 @@ machine load, in seconds.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import statistics
-import threading
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -43,62 +42,8 @@ from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook,
 from asuka.pipelines.harmonpaint.schedule import StepPlan, plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask
 
-
-class PeakRSS:
-    """Peak resident memory (bytes) above the level at entry, sampled every 5 ms (Linux /proc); freed heap memory is
-    returned to the system first (glibc ``malloc_trim``), so the growth counts this stage's allocations."""
-
-    def __enter__(self):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc
-            pass
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_stages(stages: dict[str, Callable[[], object]], repeats: int, device: torch.device):
-    """Median seconds and peak memory growth (bytes) per stage; one warm-up each, then round-robin passes."""
-    times: dict[str, list[float]] = {name: [] for name in stages}
-    memory: dict[str, int] = {}
-    for name, fn in stages.items():
-        with PeakRSS() as peak:
-            fn()
-        memory[name] = peak.growth
-    for _ in range(repeats):
-        for name, fn in stages.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}, memory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakMemory, sync, time_stages  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in stages:
             print(f"  {name:34s} {times[name]:8.3f} TFLOP")
     else:
-        times, memory = time_stages(stages, args.repeats, device)
+        times, memory = time_stages(stages, args.repeats, device, memory=True)
         print(f"HarmonPaint stages at {args.resolution}², SD-1.5-sized random weights, {device}, "
               f"{torch.get_num_threads()} threads")
         for name in stages:
@@ -221,12 +166,12 @@ def main(argv: list[str] | None = None) -> None:
                     width=args.resolution, num_inference_steps=args.end_to_end_steps, output_type="pt")
         results = {}
         for name, p in (("SD-inpaint", sd_pipe), ("HarmonPaint", pipe)):
-            with PeakRSS() as peak:
-                _sync(device)
+            with PeakMemory(device) as peak:
+                sync(device)
                 start = time.perf_counter()
                 p(**call, generator=torch.Generator().manual_seed(0))
-                _sync(device)
-            results[name] = (time.perf_counter() - start, peak.growth)
+                sync(device)
+            results[name] = (time.perf_counter() - start, peak.peak)
         (t_sd, m_sd), (t_hp, m_hp) = results["SD-inpaint"], results["HarmonPaint"]
         print(f"end to end, {args.end_to_end_steps} steps, CFG 7.5: SD-inpaint {t_sd:.1f} s (peak +{m_sd / 2**30:.2f} "
               f"GiB), HarmonPaint {t_hp:.1f} s (peak +{m_hp / 2**30:.2f} GiB), ratio {t_hp / t_sd:.2f}")

@@ -21,46 +21,26 @@ evenly; peak memory = the largest resident-set (CPU) or allocated (CUDA) increas
 from __future__ import annotations
 
 import argparse
-import os
-import threading
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakMemory, sync  # noqa: E402
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+def measure_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """(seconds, peak memory increase in GiB) of one call."""
-    peak, stop = [0], threading.Event()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _rss()
-
-        def poll() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss() - base)
-                time.sleep(0.005)
-
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak[0] = torch.cuda.max_memory_allocated(device) - base
-    seconds = time.perf_counter() - start
-    if device.type != "cuda":
-        stop.set()
-        thread.join()
-    return seconds, peak[0] / 2 ** 30
+    sync(device)
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, peak.peak / 2 ** 30
 
 
 def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device, repeats: int,
@@ -71,7 +51,7 @@ def _round_robin(variants: dict[str, Callable[[], object]], device: torch.device
     results: dict[str, list] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            results[name].append(measure(fn, device))
+            results[name].append(measure_call(fn, device))
     return {name: (min(t for t, _ in r), max(m for _, m in r)) for name, r in results.items()}
 
 

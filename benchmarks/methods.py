@@ -24,9 +24,8 @@ which is ``--steps`` for both sides (or ``Row.steps(--steps)`` for a row that se
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import threading
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,9 @@ import torch
 
 from asuka.api import Inpainter
 from asuka.models.tiny import cached_pipeline_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakMemory  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -230,40 +232,6 @@ ROWS: list[Callable[[], Row]] = [row_sd, row_asuka, row_pilot, row_hd_painter, r
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak growth of memory during a block: resident set size on CPU (sampled), allocator peak on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self, start: int) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss() - start)
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._thread = threading.Thread(target=self._watch, args=(self._rss(),), daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
 def _weights_bytes(painter: Inpainter) -> int:
     pipe = getattr(painter.runner, "pipe", None)
     modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]

@@ -26,9 +26,8 @@ time. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -38,26 +37,8 @@ from asuka.models.mae import MAEPrior
 from asuka.models.tiny import sd15_text_encoder, sd15_unet, sd15_vae
 from asuka.tensors import paste_back
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_stages(stages: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per stage; one warm-up call each, then ``repeats`` round-robin passes."""
-    times: dict[str, list[float]] = {name: [] for name in stages}
-    for fn in stages.values():
-        fn()
-    _sync(device)
-    for _ in range(repeats):
-        for name, fn in stages.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import time_stages  # noqa: E402
 
 
 def totals(t: dict[str, float], steps: int) -> dict[str, float]:
