@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from asuka.data.shards import IMAGE_EXTENSIONS, decode_image
@@ -531,6 +532,31 @@ class _ValShards(IterableDataset):
         return iter([{"url": u} for u in self.urls])
 
 
+def _tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """webdataset's ``tarfile_to_samples`` with each shard file closed as soon as its samples are read or the stream
+    is abandoned (validation stopping early): its ``url_opener`` leaves the file to the garbage collector."""
+    tar = wds.tariterators
+
+    def opened(src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                stream = gopen(sample["url"])
+            except Exception as exn:  # noqa: BLE001 (the handler decides, as in url_opener)
+                exn.args = exn.args + (sample["url"],)
+                if handler(exn):
+                    continue
+                break
+            try:
+                yield {**sample, "stream": stream}
+            finally:
+                stream.close()
+
+    def samples(src: Iterator[dict]) -> Iterator[dict]:
+        return tar.group_by_keys(tar.tar_file_expander(opened(src), handler=handler), handler=handler)
+
+    return samples
+
+
 def _every_nth_for_worker(src: Iterator[dict]) -> Iterator[dict]:
     _, _, worker, num_workers = worker_slot()
     for i, sample in enumerate(src):
@@ -544,7 +570,7 @@ def val_pipeline(urls: Sequence[str], *, resolution: int, batch_size: int, mask_
                  max_failure_ratio: float = 0.5, min_failures: int = 20) -> wds.DataPipeline:
     """The fixed validation set: every rank reads all of it (it is small), in shard order."""
     counter = FailureCounter(max_failure_ratio, min_failures)
-    stages = [_ValShards(urls), wds.tarfile_to_samples(handler=counter.handler)]
+    stages = [_ValShards(urls), _tar_samples(counter.handler)]
     if max_samples is not None:
         stages.append(wds.slice(max_samples))
     stages += [
