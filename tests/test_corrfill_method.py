@@ -18,14 +18,6 @@ SIZE = 64
 FAST = {"num_inference_steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("corrfill-files")
@@ -216,6 +208,28 @@ def test_paint_by_example_all_off_is_diffusers_pipeline_bit_for_bit(pbe_dir, ten
     full = pipe(reference, image, mask, config=make_config("paint-by-example", step_masking=3, step_optimize=3),
                 num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(full).all() and not torch.equal(full, got)
+
+
+def test_paint_by_example_pipeline_is_not_announced_as_deprecated(pbe_dir):
+    """diffusers' deprecation warning of its PaintByExamplePipeline base would name our class; only it is dropped."""
+    import logging
+
+    from asuka.pipelines.corrfill.runner import load_paint_by_example
+
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    filters, level = list(log.filters), log.level
+    log.setLevel(logging.WARNING)  # the test session may silence diffusers
+    try:
+        load_paint_by_example(pbe_dir, torch.float32)
+        log.warning("The PaintByExamplePipeline has been deprecated")   # other messages still pass
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert seen == ["The PaintByExamplePipeline has been deprecated"] and log.filters == filters
 
 
 def test_paint_by_example_folder_through_the_api_and_baseline_mismatch(pbe_dir, tiny_inpaint_dir, tensors):

@@ -1,6 +1,5 @@
 """CorrFill pipelines on tiny real components (stitched 8x16 latents): the oracles of the paper/official code."""
 
-import warnings
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ SIZE = 64  # per half: latent 8x8, stitched 8x16
 STEPS = 3
 OFF = CorrFillConfig(enable_masking=False, enable_latent_opt=False)
 FULL = make_config("side-by-side", step_masking=STEPS, step_optimize=STEPS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ outside the hole (``M * crop + (1 - M) * target`` for the binary mask, the offic
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -148,6 +149,23 @@ class CorrFillPaintByExamplePipeline(PaintByExamplePipeline):
     description."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "mask", "masked_image_latents"]
+
+    def __init__(self, vae, image_encoder, unet, scheduler, safety_checker, feature_extractor,
+                 requires_safety_checker: bool = False):
+        # diffusers marks PaintByExamplePipeline deprecated (DeprecatedPipelineMixin, after 0.33.1) and names the
+        # instantiated class in its warning, which would call *this* pipeline deprecated; only that message is dropped.
+        log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        name = f"The {type(self).__name__} has been deprecated"
+
+        def keep(record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith(name)
+
+        log.addFilter(keep)
+        try:
+            super().__init__(vae, image_encoder, unet, scheduler, safety_checker, feature_extractor,
+                             requires_safety_checker)
+        finally:
+            log.removeFilter(keep)
 
     @torch.no_grad()
     def __call__(self, reference: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, *,

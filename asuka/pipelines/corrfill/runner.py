@@ -188,7 +188,6 @@ def build(model: str | Path, *, device: torch.device, dtype: torch.dtype, vae: A
 
     if config_class_name(resolve_model(model), field="model", config="model_index.json") == "PaintByExamplePipeline":
         return CorrFillRunner(load_paint_by_example(model, dtype, vae).to(device), paint_by_example=True)
-    overrides = {} if vae is None else {"vae": vae.to(dtype)}
-    pipe = load_pipeline(CorrFillInpaintPipeline, model, dtype, safety_checker=None, requires_safety_checker=False,
-                         **overrides)
+    pipe = load_pipeline(CorrFillInpaintPipeline, model, dtype, vae=vae, safety_checker=None,
+                         requires_safety_checker=False)
     return CorrFillRunner(pipe.to(device), paint_by_example=False)
