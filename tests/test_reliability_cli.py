@@ -87,6 +87,26 @@ def test_outputs_are_written_atomically(tmp_path, capsys, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["out.png"]
 
 
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    from asuka.atomic import atomic_path
+
+    mask = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "new.png") as tmp:
+            tmp.write_bytes(b"new")
+        assert stat.S_IMODE((tmp_path / "new.png").stat().st_mode) == 0o640   # 0o666 less the umask, not mkstemp's 0o600
+        (tmp_path / "kept.png").write_bytes(b"old")
+        os.chmod(tmp_path / "kept.png", 0o604)
+        with atomic_path(tmp_path / "kept.png") as tmp:
+            tmp.write_bytes(b"new")
+        assert stat.S_IMODE((tmp_path / "kept.png").stat().st_mode) == 0o604  # a replaced file keeps its mode
+    finally:
+        os.umask(mask)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**64)"),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64)"),
