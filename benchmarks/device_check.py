@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from asuka.cli import non_negative_int, positive_int  # noqa: E402
 from benchmarks.measure import PeakMemory, sync  # noqa: E402
 from benchmarks.methods import ROWS  # noqa: E402
 
@@ -443,21 +444,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="device_check", help="output folder (device_check.json, device_check.md)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list from {','.join(PARTS)}")
     p.add_argument("--methods", help="only these methods (comma list)")
-    p.add_argument("--size", type=int, help="image size (default 512; 64 with --tiny)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps in real mode (default 20)")
-    p.add_argument("--repeats", type=int, help="timed calls after the warm-up (default 3; 1 with --tiny)")
+    p.add_argument("--size", type=positive_int, help="image size (default 512; 64 with --tiny)")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps in real mode (default 20)")
+    p.add_argument("--repeats", type=non_negative_int, help="timed calls after the warm-up (default 3; 1 with --tiny)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="inference dtype (default float16 on CUDA, float32 on CPU)")
-    p.add_argument("--train-steps", type=int, help="timed training steps (default 10; 2 with --tiny)")
-    p.add_argument("--train-warmup", type=int, help="untimed first training steps (default 3; 1 with --tiny)")
+    p.add_argument("--train-steps", type=positive_int, help="timed training steps (default 10; 2 with --tiny)")
+    p.add_argument("--train-warmup", type=non_negative_int, help="untimed first training steps (default 3; 1 with --tiny)")
     p.add_argument("--backend", help="torch.compile backend (default inductor; eager with --tiny: graph capture "
                                      "only, since CPU code generation takes minutes)")
-    p.add_argument("--recompile-limit", type=int,
+    p.add_argument("--recompile-limit", type=positive_int,
                    help="torch._dynamo recompile limit per module (default: torch's, 8; 1 with --tiny)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --tiny: tiny "
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's; 1 with --tiny: tiny "
                                                "tensors gain nothing from more, and on a loaded machine idle "
                                                "OpenMP threads spinning cost more than the work)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available; cpu with --tiny)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available; cpu with --tiny)")
     args = p.parse_args(argv)
     args.backend = args.backend or ("eager" if args.tiny else "inductor")
     if args.tiny and args.recompile_limit is None:
@@ -469,6 +470,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.train_steps = args.train_steps or (1 if args.tiny else 10)
     args.train_warmup = args.train_warmup if args.train_warmup is not None else (1 if args.tiny else 3)
     args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if args.methods:
+        from asuka.pipelines._registry import available_methods
+
+        unknown = set(args.methods) - set(available_methods())
+        if unknown:
+            p.error(f"--methods: unknown {sorted(unknown)}; choose from {','.join(available_methods())}")
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from asuka.api import Inpainter
+from asuka.cli import positive_int
 from asuka.models.tiny import cached_pipeline_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -348,11 +349,11 @@ def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolution", type=positive_int, default=512)
+    parser.add_argument("--steps", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--only", help="comma list of methods (default: every row)")
     parser.add_argument("--sequential", action="store_true", help="one model in memory at a time")
     args = parser.parse_args()
@@ -360,7 +361,10 @@ def main() -> None:
     device = torch.device(args.device)
     rows = [make() for make in ROWS]
     if args.only:
-        wanted = set(args.only.split(","))
+        wanted = {name.strip() for name in args.only.split(",")}
+        unknown = wanted - {r.method for r in rows}
+        if unknown:
+            parser.error(f"--only: no row for {sorted(unknown)}; choose from {sorted({r.method for r in rows})}")
         rows = [r for r in rows if r.method in wanted]
     results = []
     for row in rows:
