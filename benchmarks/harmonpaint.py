@@ -38,7 +38,8 @@ from asuka.pipelines._sampling import Step, unet_input
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS
 from asuka.pipelines.harmonpaint.masks import resize_mask_to_grid
-from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook, frozen
+from asuka.pipelines._sampling import frozen
+from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline, SteerHook
 from asuka.pipelines.harmonpaint.schedule import StepPlan, plan_steps
 from asuka.pipelines.harmonpaint.steer import prompt_token_mask
 

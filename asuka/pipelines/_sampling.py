@@ -19,14 +19,15 @@ locals of a diffusers pipeline loop would be replaced.
 Small pure helpers every method needs live here too: the UNet input with CFG doubling and the 9-channel inpainting
 concatenation (:func:`unet_input`), classifier-free guidance (:func:`cfg_noise`), the scheduler's ᾱ_t
 (:class:`AlphaBar`), the one-step x̂₀ (:func:`predicted_x0`), DDIM's σ_t (:func:`ddim_sigma`), the gradient of a loss
-with respect to the latent only (:func:`latent_gradient`), and decoding through any VAE — an
+with respect to the latent only (:func:`latent_gradient`) with the weights frozen meanwhile (:func:`frozen`), and decoding through any VAE — an
 ``AsymmetricAutoencoderKL`` such as asuka's ``HarmonizingDecoderKL`` receives the image and the mask (:func:`decode`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -159,6 +160,21 @@ def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: flo
 
 
 # ------------------------------------------------------------------------------------------------ gradients
+@contextmanager
+def frozen(*modules: Any) -> Iterator[None]:
+    """``requires_grad_(False)`` on every parameter of ``modules`` (``None`` entries skipped) for the block, each
+    flag restored afterwards, so a latent gradient pass builds no weight-gradient graph."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def latent_gradient(loss_of: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂loss/∂latents, loss)`` with gradients enabled inside a ``no_grad`` pipeline, taken with respect to the
@@ -207,5 +223,5 @@ def finish(pipe: Any, decoded: torch.Tensor, *, image: torch.Tensor, mask: torch
                                             do_denormalize=[denormalize] * decoded.shape[0])
 
 
-__all__ = ["AlphaBar", "finish", "Step", "cfg_noise", "check_callback_inputs", "ddim_sigma", "decode", "denoise", "guide",
+__all__ = ["AlphaBar", "finish", "frozen", "Step", "cfg_noise", "check_callback_inputs", "ddim_sigma", "decode", "denoise", "guide",
            "latent_gradient", "predicted_x0", "previous_timestep", "unet_input"]

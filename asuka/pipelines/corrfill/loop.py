@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from asuka.attention import AttentionController
-from asuka.pipelines._sampling import AlphaBar, cfg_noise, ddim_sigma, denoise, previous_timestep, unet_input
+from asuka.pipelines._sampling import (AlphaBar, cfg_noise, ddim_sigma, denoise, frozen, previous_timestep,
+                                       unet_input)
 from asuka.pipelines.corrfill import guidance
 from asuka.pipelines.corrfill.config import CorrFillConfig
 from asuka.pipelines.corrfill.control import GRAD, MAIN, OFF, CorrespondenceMask, CorrFillState, MatchReader
@@ -169,12 +170,5 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
     if config.estimation_steps == 0:  # nothing to estimate: the stock processors, the base loop
         return denoise(pipe, latents, timesteps, noise, **run)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    try:
-        for p in params:  # the gradient is taken with respect to the latent only
-            p.requires_grad_(False)
-        with controller:
-            return denoise(pipe, latents, timesteps, noise, **run)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with frozen(pipe.unet), controller:  # the gradient is taken with respect to the latent only
+        return denoise(pipe, latents, timesteps, noise, **run)

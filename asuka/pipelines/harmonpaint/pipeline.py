@@ -26,7 +26,6 @@ step sizes are host numbers planned before the loop (no host sync per step).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 
 from asuka.attention import AttentionController, TokenMasks
 from asuka.errors import InputError
-from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, finish,
+from asuka.pipelines._sampling import (Step, cfg_noise, check_callback_inputs, decode, denoise, finish, frozen,
                                        latent_gradient, unet_input)
 from asuka.pipelines.harmonpaint.config import HarmonPaintConfig
 from asuka.pipelines.harmonpaint.controls import MAIN, MAKVS, SAMS, STEER, maps_by_grid, steer_store
@@ -76,18 +75,6 @@ def _no_grad_outside_inference_mode(method: Callable) -> Callable:
             return method(*args, **kwargs)
 
     return wrapper
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """Parameters without ``requires_grad`` inside (a latent gradient then builds no parameter graph); restored."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
@@ -191,7 +178,7 @@ class HarmonPaintPipeline(StableDiffusionInpaintPipeline):
                 recorder.write(step.index, timestep_values[step.index])
             return eps
 
-        with controller, (frozen(self.unet) if steer is not None else contextlib.nullcontext()):
+        with controller, frozen(self.unet):
             latents = denoise(self, latents, timesteps, noise, before=steer, extra_step_kwargs=extra_step_kwargs,
                               tensors={"prompt_embeds": embeds, "mask": mask,
                                        "masked_image_latents": masked_image_latents},

@@ -30,8 +30,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from asuka.errors import InputError
 from asuka.models import decoder as _decoder  # noqa: F401  (from_pretrained resolves a saved HarmonizingDecoderKL)
 from asuka.pipelines._common import per_image, prepare_inputs
-from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, finish, guide,
-                                       latent_gradient, previous_timestep, unet_input)
+from asuka.pipelines._sampling import (AlphaBar, Step, check_callback_inputs, decode, denoise, finish, frozen,
+                                       guide, latent_gradient, previous_timestep, unet_input)
 from asuka.pipelines.hd_painter import rasg as rasg_math
 from asuka.pipelines.hd_painter.controls import HDPainterControls
 from asuka.pipelines.hd_painter.defaults import NEGATIVE_PROMPT, POSITIVE_PROMPT
@@ -208,16 +208,10 @@ class HDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         loop = _Loop(self, sampler, controls, steps, guidance_scale, cfg, rasg, rasg_low_memory,
                      eta, sigma_mode, latent_size)
 
-        requires_grad = [p.requires_grad for p in self.unet.parameters()]
         self._num_timesteps = len(timesteps)
-        try:
-            self.unet.requires_grad_(False)
-            with controls:
-                latents = denoise(self, latents, timesteps, loop.noise, tensors=tensors, update=loop.update,
-                                  callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=names)
-        finally:
-            for p, flag in zip(self.unet.parameters(), requires_grad):
-                p.requires_grad_(flag)
+        with frozen(self.unet), controls:
+            latents = denoise(self, latents, timesteps, loop.noise, tensors=tensors, update=loop.update,
+                              callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=names)
 
         if output_type == "latent":
             result = latents

@@ -21,8 +21,7 @@ paper). A hole covering the whole image falls back to plain text-to-image sampli
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from diffusers import (
@@ -53,6 +52,7 @@ from asuka.pipelines._sampling import (
     decode,
     denoise,
     finish,
+    frozen,
 )
 from asuka.errors import InputError
 from asuka.pipelines._common import load_image, per_image, prepare_inputs
@@ -82,21 +82,6 @@ MASK_CONVENTIONS = ("diffusers", "pilot")
 SIZE_MULTIPLE = 64
 """Images must be multiples of 64: SD's UNet halves the 1/8 latent three times, and the attention masks of every
 level are then exact (bilinear factors 2, 4, 8)."""
-
-
-@contextmanager
-def frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """``requires_grad_(False)`` on every parameter of ``modules`` for the block, restored afterwards, so the gradient
-    pass builds no weight-gradient graph."""
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 class PilotInpaintPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLoaderMixin,
