@@ -601,3 +601,15 @@ def test_scores_are_float32_under_bfloat16(unet):
     ref = (q.float() @ k.float().transpose(-1, -2) * layer.module.scale)[2:]  # products and sums in float32
     assert store.maps[0].dtype == torch.float32
     torch.testing.assert_close(store.maps[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_after_a_layer_follow_the_forward_order(unet):
+    from asuka.attention import blocks_after
+
+    order = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    layers = LayerTable(unet)
+    for layer in layers:
+        holder = unet.mid_block if layer.place == "mid" else getattr(unet, f"{layer.place}_blocks")[layer.block]
+        position = next(i for i, block in enumerate(order) if block is holder)
+        assert blocks_after(unet, layer) == order[position + 1:]
+    assert blocks_after(unet, layers[-1]) == []

@@ -12,7 +12,7 @@
 from asuka.attention.control import AttentionCall, AttentionControl, CallState, Read, RowBias
 from asuka.attention.controller import AttentionController
 from asuka.attention.functional import weighted_sdpa
-from asuka.attention.layers import AttentionLayer, LayerTable, grid_at_level
+from asuka.attention.layers import AttentionLayer, LayerTable, blocks_after, grid_at_level
 from asuka.attention.masks import TokenMasks, resize_nearest
 from asuka.attention.processor import ControlledAttnProcessor, is_ip_adapter
 from asuka.attention.store import AttentionStore
@@ -29,6 +29,7 @@ __all__ = [
     "Read",
     "RowBias",
     "TokenMasks",
+    "blocks_after",
     "grid_at_level",
     "is_ip_adapter",
     "resize_nearest",

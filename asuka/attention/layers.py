@@ -81,6 +81,14 @@ def _block_levels(unet: nn.Module) -> list[tuple[str, int, nn.Module, int]]:
     return out
 
 
+def blocks_after(unet: nn.Module, layer: AttentionLayer) -> list[nn.Module]:
+    """The UNet's top-level blocks (down, mid, up) that run after the one holding ``layer``, in forward order: the
+    part of the forward whose output no quantity read at ``layer`` depends on."""
+    order = _block_levels(unet)
+    position = next(i for i, (place, index, _, _) in enumerate(order) if (place, index) == (layer.place, layer.block))
+    return [block for _, _, block, _ in order[position + 1:]]
+
+
 def _indices_after(name: str, word: str) -> int:
     parts = name.split(".")
     return int(parts[parts.index(word) + 1]) if word in parts else 0

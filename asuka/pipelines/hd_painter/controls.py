@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from asuka.attention import AttentionController, AttentionControl, AttentionStore, Read, TokenMasks
+from asuka.attention import AttentionController, AttentionControl, AttentionStore, Read, TokenMasks, blocks_after
 from asuka.attention.functional import attention_scores, split_heads
 from asuka.errors import InputError
 from asuka.pipelines.hd_painter import painta, rasg
@@ -115,12 +115,7 @@ class HDPainterControls:
     def blocks_after_rasg(self) -> list[nn.Module]:
         """The UNet's top-level blocks that run after the block holding the last RASG layer (SD: ``up_blocks.2`` and
         ``up_blocks.3``, the 32x32 and 64x64 levels at 512 px): RASG's loss does not depend on them."""
-        unet, last = self.controller.unet, self.rasg_layers[-1]
-        order = [("down", i, b) for i, b in enumerate(unet.down_blocks)]
-        order += [("mid", 0, unet.mid_block)] if getattr(unet, "mid_block", None) is not None else []
-        order += [("up", i, b) for i, b in enumerate(unet.up_blocks)]
-        position = next(i for i, (place, index, _) in enumerate(order) if (place, index) == (last.place, last.block))
-        return [block for _, _, block in order[position + 1:]]
+        return blocks_after(self.controller.unet, self.rasg_layers[-1])
 
     def __enter__(self) -> "HDPainterControls":
         self.controller.__enter__()
