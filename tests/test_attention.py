@@ -428,9 +428,10 @@ def test_key_value_extension_matches_dense_reference(unet):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("keys", [None, [0, 2, 3]], ids=["all-keys", "some-keys"])
 @pytest.mark.parametrize("what", ["scores", "probs"])
 @pytest.mark.parametrize("heads", ["each", "mean"])
-def test_reads_match_dense_reference_on_cond_half_and_rows(unet, what, heads):
+def test_reads_match_dense_reference_on_cond_half_and_rows(unet, what, heads, keys):
     layer = LayerTable(unet).by_name(LEVEL1_CROSS)
     rows = torch.tensor([0, 5, 23])
 
@@ -438,13 +439,17 @@ def test_reads_match_dense_reference_on_cond_half_and_rows(unet, what, heads):
         def read_rows(self, call):
             return rows
 
+        def read_keys(self, call):
+            return None if keys is None else torch.tensor(keys)
+
     store = RowStore(Read(what, batch="cond", heads=heads))
     bias = AddBias(lambda call: torch.full((), -5.0))  # reads are raw: edits of the layer are not seen
     x, ctx, out = _capture(unet, layer, [store, bias], *_inputs())
     q, k, _ = _qkv(layer.module, x, ctx)
     s = (q @ k.transpose(-1, -2) * layer.module.scale)[2:, :, rows]
-    ref = s if what == "scores" else s.softmax(-1)
+    ref = s if what == "scores" else s.softmax(-1)  # the softmax over every key, whichever keys are read
     ref = ref.mean(1) if heads == "mean" else ref
+    ref = ref if keys is None else ref[..., keys]
     assert len(store.maps) == 1
     torch.testing.assert_close(store.maps[0], ref, atol=1e-5, rtol=0)
 

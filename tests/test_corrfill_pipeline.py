@@ -273,3 +273,33 @@ def test_gradient_checkpointing_changes_nothing(pipe, monkeypatch):
         assert torch.equal(run(pipe, FULL, ref, img, mask), expected)
     finally:
         pipe.unet.disable_gradient_checkpointing()
+
+
+def test_reader_gets_target_rows_at_reference_keys_of_the_layers_softmax(pipe):
+    """MatchReader's maps: target-query rows of the cond half, the softmax over all stitched keys, at the reference
+    keys only (the columns the matching map and the objective use)."""
+    from asuka.attention import AttentionController
+    from asuka.pipelines.corrfill.control import MatchReader
+
+    state = CorrFillState(FULL, batch=1, side=8, device=torch.device("cpu"))
+    state.begin_pass(GRAD)
+    seen = []
+
+    class Recorder(MatchReader):
+        def on_read(self, call, maps):
+            seen.append((call.query, call.key, maps))
+
+    controller = AttentionController(pipe.unet)
+    layer = controller.layers.select(kind="self")[0]
+    controller.add(Recorder(state), [layer])
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 9, 8, 16, generator=g), torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad(), controller:
+        controller.state.cfg = True
+        pipe.unet(sample, 10, encoder_hidden_states=text)
+    ((q, k, maps),) = seen
+    h, w = layer.grid((8, 16))
+    probs = (q[1:] @ k[1:].transpose(-1, -2) * layer.module.scale).softmax(-1).mean(1)  # (1, h*w, h*w)
+    grid = probs.view(1, h, w, h, w)
+    ref = grid[:, :, w // 2:, :, : w // 2].reshape(1, h * h, h * h)
+    torch.testing.assert_close(maps, ref, atol=1e-6, rtol=0)

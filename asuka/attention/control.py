@@ -16,7 +16,8 @@ controlled processor asks every control installed on a layer, at every call of t
 6. :meth:`~AttentionControl.edit_probs` - any post-softmax edit on the dense probabilities. Dense.
 7. reads (``read = Read(...)`` and :meth:`~AttentionControl.on_read`) - receive the layer's raw
    scores or probabilities (before any edit of this layer), detached or with autograd, for the
-   conditional CFG half or the whole batch, per head or head-mean, optionally for some query rows.
+   conditional CFG half or the whole batch, per head or head-mean, optionally for some query rows
+   (:meth:`~AttentionControl.read_rows`) and keys (:meth:`~AttentionControl.read_keys`).
 
 Hooks return ``None`` for "no edit". The order of edits is fixed: keys/values, then
 ``scores = (q kᵀ·scale) ⊙ factor + bias + attention_mask (+ row bias)``, softmax, then weights and prob edits.
@@ -59,8 +60,9 @@ class Read:
 
     what: "scores" (pre-softmax ``q kᵀ·scale + attention_mask``, float32) or "probs" (their softmax).
     batch: "cond" (second CFG half when ``state.cfg``, else the whole batch) or "all".
-    heads: "each" -> (B', H, Nq', Nk); "mean" -> (B', Nq', Nk) (computed head by head, so only one
-    head's N×N map is alive at a time when no gradient is kept).
+    heads: "each" -> (B', H, Nq', Nk'); "mean" -> (B', Nq', Nk') (computed in tiles of one head and a few
+    rows, so no (B, H, Nq, Nk) tensor is formed, with or without a gradient: the probabilities' backward is
+    hand-written and recomputes each tile, :func:`asuka.attention.functional.head_mean_probs`).
     grad: keep the autograd graph (under ``torch.enable_grad()``); else computed under no_grad.
     """
 
@@ -211,6 +213,11 @@ class AttentionControl:
 
     def read_rows(self, call: AttentionCall) -> torch.Tensor | None:
         """Query rows to read (a 1-D index tensor over Nq), or None for all rows."""
+        return None
+
+    def read_keys(self, call: AttentionCall) -> torch.Tensor | None:
+        """Keys to read (a 1-D index tensor over Nk), or None for all. The softmax still runs over every key: only
+        the returned columns are limited (a head-mean read then never forms the other columns' probabilities)."""
         return None
 
     def on_read(self, call: AttentionCall, maps: torch.Tensor) -> None:

@@ -88,3 +88,89 @@ def weighted_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: Low
                                          scale=scale)
     out = out.unflatten(-1, (rank, d))  # (B, H, Nq, R, d)
     return (rows.to(out.dtype).unsqueeze(-1) * out).sum(-2)
+
+
+def _tile_rows(batch: int, rows: int, keys: int, tile_elements: int) -> int:
+    return max(1, min(rows, tile_elements // max(1, batch * keys)))
+
+
+def _tile_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, h: int,
+                 rows: slice) -> torch.Tensor:
+    """Scores ``q kᵀ·scale + bias`` of head ``h`` and query rows ``rows``: (B, rows, Nk), a fresh tensor."""
+    scores = torch.matmul(q_scaled[:, rows], k_t)
+    if bias is not None:
+        scores += bias[:, h if bias.shape[1] > 1 else 0, rows if bias.shape[2] > 1 else slice(None)]
+    return scores
+
+
+class _HeadMeanProbs(torch.autograd.Function):
+    """Autograd of :func:`head_mean_probs`: forward keeps q, k and the row log-sum-exp only; backward recomputes
+    each tile's probabilities ``P = exp(S - lse)`` and forms ``dS = P ⊙ (G' - rowsum(P_sel ⊙ G))`` in place
+    (``G'``: the incoming gradient at the selected keys, 0 elsewhere), then ``dq = dS k·scale``, ``dk = dSᵀ q·scale``."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, keys, tile_elements):
+        dtype = score_dtype(q.dtype)
+        batch, heads, rows, _ = q.shape
+        n_keys = k.shape[2]
+        step = _tile_rows(batch, rows, n_keys, tile_elements)
+        out = torch.zeros(batch, rows, n_keys if keys is None else keys.numel(), device=q.device, dtype=dtype)
+        lse = torch.empty(batch, heads, rows, 1, device=q.device, dtype=dtype)
+        for h in range(heads):
+            q_scaled, k_t = q[:, h].to(dtype) * scale, k[:, h].to(dtype).transpose(-1, -2)
+            for start in range(0, rows, step):
+                tile = slice(start, start + step)
+                scores = _tile_scores(q_scaled, k_t, bias, h, tile)
+                top = scores.amax(-1, keepdim=True)
+                expo = scores.sub_(top).exp_()
+                total = expo.sum(-1, keepdim=True)
+                lse[:, h, tile] = top + total.log()
+                picked = expo if keys is None else expo.index_select(-1, keys)
+                out[:, tile] += picked.div_(total)
+        ctx.save_for_backward(q, k, bias, keys, lse)
+        ctx.scale, ctx.tile_elements = scale, tile_elements
+        return out.div_(heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, bias, keys, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        batch, heads, rows, _ = q.shape
+        step = _tile_rows(batch, rows, k.shape[2], ctx.tile_elements)
+        grad = grad.to(dtype) / heads
+        dq = torch.empty(q.shape, device=q.device, dtype=dtype)
+        dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
+        for h in range(heads):
+            q_h, k_h = q[:, h].to(dtype), k[:, h].to(dtype)
+            q_scaled, k_t = q_h * ctx.scale, k_h.transpose(-1, -2)
+            for start in range(0, rows, step):
+                tile = slice(start, start + step)
+                probs = _tile_scores(q_scaled, k_t, bias, h, tile).sub_(lse[:, h, tile]).exp_()
+                if keys is None:
+                    weighted = probs * grad[:, tile]
+                    dscores = weighted.sub_(probs.mul_(weighted.sum(-1, keepdim=True)))
+                else:
+                    weighted = probs.index_select(-1, keys).mul_(grad[:, tile])
+                    dscores = probs.mul_(weighted.sum(-1, keepdim=True).neg_()).index_add_(-1, keys, weighted)
+                dq[:, h, tile] = torch.matmul(dscores, k_h)
+                dk[:, h] += torch.matmul(dscores.transpose(-1, -2), q_h[:, tile])
+        return (dq.mul_(ctx.scale).to(q.dtype), dk.mul_(ctx.scale).to(k.dtype), None, None, None, None)
+
+
+def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                    keys: torch.Tensor | None = None, tile_elements: int = 1 << 24) -> torch.Tensor:
+    """``mean_h softmax(q_h k_hᵀ·scale + bias_h)[..., keys]``: (B, Nq, Nk') in float32 (float64 for float64 inputs).
+
+    The softmax runs over all keys; ``keys`` (1-D indices, None for all) only picks the columns returned. Computed
+    in tiles of one head and at most ``tile_elements`` scores, so no (B, H, Nq, Nk) tensor exists; differentiable
+    in ``q`` and ``k`` with a hand-written backward that keeps only the row log-sum-exp (B·H·Nq values) and
+    recomputes each tile (two score passes per tile instead of autograd's saved softmax, zero-filled column
+    gradients and head-sum copies). ``bias`` (broadcastable to (B, H, Nq, Nk), e.g. an attention mask) is a
+    constant: it gets no gradient.
+    """
+    if bias is not None:
+        if bias.requires_grad and torch.is_grad_enabled():
+            raise ValueError("head_mean_probs does not differentiate its bias; pass a detached bias")
+        bias = bias.to(score_dtype(q.dtype))
+        bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape)).expand(q.shape[0], -1, -1, -1)
+    return _HeadMeanProbs.apply(q, k, scale, bias, keys, tile_elements)

@@ -13,7 +13,6 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from diffusers.image_processor import IPAdapterMaskProcessor
 from torch import nn
 
@@ -22,13 +21,15 @@ from asuka.attention.functional import (
     attention_scores,
     combine_low_rank,
     dense_low_rank,
+    head_mean_probs,
     merge_heads,
     split_heads,
     weighted_sdpa,
 )
 from asuka.attention.layers import AttentionLayer
 
-READ_CHUNK_ELEMENTS = 1 << 24  # head-mean reads: scores per chunk of heads (64 MiB in float32)
+READ_TILE_ELEMENTS = 1 << 24  # head-mean reads on an accelerator: scores per tile (64 MiB in float32)
+READ_TILE_ELEMENTS_CPU = 1 << 21  # on CPU: 8 MiB in float32, within the last-level cache
 _HOOKS = ("keys_values", "score_bias", "row_bias", "score_factor", "prob_weight", "edit_probs")
 
 
@@ -279,42 +280,34 @@ def _extend_mask(mask: torch.Tensor | None, key_length: int) -> torch.Tensor | N
 
 
 def _read_maps(control: AttentionControl, call: AttentionCall, query, key, mask) -> torch.Tensor:
-    """Raw (unedited) scores or probabilities as described by ``control.read``."""
+    """Raw (unedited) scores or probabilities as described by ``control.read``, for the rows and keys it asks."""
     spec = control.read
     batch = call.cond if spec.batch == "cond" else slice(0, call.batch_size)
     q, k = query[batch], key[batch]
     m = mask[batch] if mask is not None else None
-    rows = control.read_rows(call)
+    rows, keys = control.read_rows(call), control.read_keys(call)
     if rows is not None:
         q = q.index_select(2, rows)
         if m is not None and m.shape[2] != 1:
             m = m.index_select(2, rows)
     with torch.set_grad_enabled(spec.grad and torch.is_grad_enabled()):
+        if spec.heads == "mean" and spec.what == "probs":
+            return head_mean_probs(q, k, call.scale, m, keys, read_tile_elements(q.device))
         if spec.heads == "each":
-            return _maps(q, k, m, call.scale, spec.what)
-        # head mean in chunks of heads holding at most READ_CHUNK_ELEMENTS scores; with a graph each chunk runs
-        # under checkpoint, so backward recomputes it and only the head-mean map stays alive
-        heads = q.shape[1]
-        step = max(1, min(heads, READ_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[2] * k.shape[2])))
-        keep_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        total = None
-        for h in range(0, heads, step):
-            chunk = slice(h, h + step)
-            args = (q[:, chunk], k[:, chunk], None if m is None else m[:, chunk] if m.shape[1] > 1 else m)
-            part = (checkpoint(_maps_sum, *args, call.scale, spec.what, use_reentrant=False) if keep_graph
-                    else _maps_sum(*args, call.scale, spec.what))
-            total = part if total is None else total + part
-        return total / heads
+            maps = attention_scores(q, k, call.scale, bias=m)
+            maps = maps if spec.what == "scores" else maps.softmax(-1)
+        else:  # head-mean scores: linear in q and k, so autograd keeps only q and k; one chunk of heads at a time
+            step = max(1, min(q.shape[1], read_tile_elements(q.device) // max(1, q.shape[0] * q.shape[2] * k.shape[2])))
+            maps = sum(attention_scores(q[:, h:h + step], k[:, h:h + step], call.scale,
+                                        bias=None if m is None else m[:, h:h + step] if m.shape[1] > 1 else m).sum(1)
+                       for h in range(0, q.shape[1], step)) / q.shape[1]
+        return maps if keys is None else maps.index_select(-1, keys)
 
 
-def _maps(q, k, m, scale: float, what: str) -> torch.Tensor:
-    scores = attention_scores(q, k, scale, bias=m)
-    return scores if what == "scores" else scores.softmax(-1)
-
-
-def _maps_sum(q, k, m, scale: float, what: str) -> torch.Tensor:
-    """Scores or probabilities of a chunk of heads, summed over the heads: (B, Nq, Nk)."""
-    return _maps(q, k, m, scale, what).sum(1)
+def read_tile_elements(device: torch.device) -> int:
+    """Scores per tile of a head-mean read: cache-sized on CPU (the tile's softmax passes then stay in cache), large
+    on accelerators (fewer kernel launches)."""
+    return READ_TILE_ELEMENTS_CPU if device.type == "cpu" else READ_TILE_ELEMENTS
 
 
 def _add_ip_adapter(ip, attn, query, hidden_states, ip_hidden_states, ip_adapter_masks):

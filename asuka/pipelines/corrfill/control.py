@@ -4,7 +4,7 @@
 correspondences ``P`` / outliers ``P_o``, the adaptive weight, the maps kept for the loss -- and is created fresh
 for every pipeline call, so nothing leaks between images or batch elements (the official code keeps it in module
 globals). :class:`MatchReader` reads the raw head-mean probabilities of the target-query rows of the conditional
-half (all keys, so the softmax is the layer's) and votes on the vote layers; in the gradient pass it also keeps them
+half at the reference keys (the softmax over all keys, so it is the layer's) and votes on the vote layers; in the gradient pass it also keeps them
 with autograd for the objective. :class:`CorrespondenceMask` adds the Eq. 3-4 mask on every self-attention layer
 during the first ``step_masking`` steps of the main pass; built after the same layer's vote, as in the code.
 """
@@ -39,7 +39,8 @@ class CorrFillState:
         self.masking = False  # this pass adds the Eq. 3-4 mask (set per pass by the loop: a bool, not a step count)
         self.replaying = False  # backward of the gradient pass: checkpointed layers run again and must not vote
         self.collected: list[torch.Tensor] = []
-        self._rows = _target_rows_per_side(side, device)  # read-only during a pass (torch.compile guards stay fixed)
+        # read-only during a pass (torch.compile guards stay fixed)
+        self._rows, self._keys = _half_tokens_per_side(side, device, h=1), _half_tokens_per_side(side, device, h=0)
         self._masks: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- estimation
@@ -59,11 +60,18 @@ class CorrFillState:
 
     def target_rows(self, grid: tuple[int, int]) -> torch.Tensor:
         """Indices of the target-half tokens of a ``(h, 2h)`` stitched grid, row-major over the target half."""
+        return self._rows[self._side(grid)]
+
+    def reference_keys(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Indices of the reference-half tokens of a ``(h, 2h)`` stitched grid, row-major over the reference half."""
+        return self._keys[self._side(grid)]
+
+    def _side(self, grid: tuple[int, int]) -> int:
         h, w = grid
         if w != 2 * h or h not in self._rows:
             raise ValueError(f"CorrFill needs a stitched token grid of width 2 x height (height {self.side} / 2^k), "
                              f"got {h}x{w}")
-        return self._rows[h]
+        return h
 
     def vote(self, tar2ref: torch.Tensor) -> None:
         """Add a layer's ``(B, n*n, n*n)`` target->reference map to the matching map and re-estimate P."""
@@ -99,27 +107,22 @@ class CorrFillState:
         return torch.stack(losses).mean(0)
 
 
-def _target_rows_per_side(side: int, device: torch.device) -> dict[int, torch.Tensor]:
-    """Target-half token indices of the ``(h, 2h)`` grid of every layer resolution ``h = side / 2^k``."""
-    rows = {}
-    h = side
-    while h >= 1:
-        rows[h] = (torch.arange(h, device=device)[:, None] * 2 * h + h + torch.arange(h, device=device)).reshape(-1)
-        if h % 2:
+def _half_tokens_per_side(side: int, device: torch.device, h: int) -> dict[int, torch.Tensor]:
+    """Token indices of the reference (``h = 0``) or target (``h = 1``) half of the ``(n, 2n)`` grid of every layer
+    resolution ``n = side / 2^k``, row-major over that half."""
+    tokens = {}
+    n = side
+    while n >= 1:
+        tokens[n] = (torch.arange(n, device=device)[:, None] * 2 * n + h * n + torch.arange(n, device=device)).reshape(-1)
+        if n % 2:
             break
-        h //= 2
-    return rows
-
-
-def _tar2ref(probs: torch.Tensor) -> torch.Tensor:
-    """``(B, n*n, n*2n)`` target-row probabilities over all stitched keys -> ``(B, n*n, n*n)`` reference keys."""
-    batch, rows, keys = probs.shape
-    side = corr.grid_side(rows)
-    return probs.view(batch, rows, side, 2, side)[:, :, :, 0].reshape(batch, rows, rows)
+        n //= 2
+    return tokens
 
 
 class MatchReader(AttentionControl):
-    """Reads raw target-row probabilities: votes on ``vote_layers``; keeps them with autograd in the gradient pass."""
+    """Reads raw target-query -> reference-key probabilities (the softmax over all keys, the layer's): votes on
+    ``vote_layers``; keeps them with autograd in the gradient pass."""
 
     def __init__(self, state: CorrFillState) -> None:
         self.state = state
@@ -140,15 +143,18 @@ class MatchReader(AttentionControl):
     def read_rows(self, call) -> torch.Tensor:
         return self.state.target_rows(call.grid)
 
+    def read_keys(self, call) -> torch.Tensor:
+        return self.state.reference_keys(call.grid)
+
     def on_read(self, call, maps: torch.Tensor) -> None:
+        """``maps``: ``(B, n*n, n*n)`` target-query -> reference-key head-mean probabilities."""
         s = self.state
         if s.replaying:  # gradient checkpointing recomputes the layer in backward: it was counted in forward
             return
-        tar2ref = _tar2ref(maps)
         if self._votes(call.layer) and (s.phase == MAIN or s.config.vote_in_grad_pass):
-            s.vote(tar2ref)
+            s.vote(maps)
         if s.phase == GRAD:
-            s.collected.append(tar2ref)
+            s.collected.append(maps)
 
 
 class CorrespondenceMask(AttentionControl):
