@@ -13,6 +13,11 @@ All ratios come from one run, timed round-robin (machine load spreads evenly ove
   8 heads): explicit attention (a dense score edit, so the N×N scores and probabilities are materialised) vs
   the original SDPA processor — time, and peak memory of the call (CPU: peak resident-set growth during a first
   call in a fresh process, sampled every 0.2 ms; CUDA: ``max_memory_allocated`` after a warm-up).
+* one head-mean probability read with autograd, forward and backward (CorrFill's gradient-pass read on the
+  latent/1 self-attention layer of a stitched ``resolution x 2·resolution`` image: the target-half query rows at
+  the reference-half keys, 8 heads of 40 channels): ``head_mean_probs`` (tiles, hand-written backward) vs plain
+  PyTorch autograd (each head's softmax over all keys, summed; the columns picked after) — time and peak memory
+  growth of the warm-up call.
 
 Weights are random (``asuka.models.tiny.sd15_unet``): only shapes matter for time. Nothing is downloaded.
 """
@@ -33,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import PeakMemory, sync, time_stages  # noqa: E402
 
 from asuka.attention import AttentionControl, AttentionController, AttentionStore, Read  # noqa: E402
+from asuka.attention.functional import attention_scores, head_mean_probs  # noqa: E402
+from asuka.attention.processor import read_tile_elements  # noqa: E402
 from asuka.attention.layers import grid_at_level  # noqa: E402
 from asuka.models.seeding import seeded  # noqa: E402
 from asuka.models.tiny import SD15_CROSS_ATTENTION_DIM, sd15_unet  # noqa: E402
@@ -147,6 +154,29 @@ def layer_ratios(resolution: int, batch: int, repeats: int, device: torch.device
             "layer explicit / sdpa (memory)": peaks["explicit"] / max(peaks["sdpa"], 1)}
 
 
+def read_ratios(resolution: int, batch: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    side, heads, width = resolution // 8, 8, 40
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, side * side, width, generator=g).to(device, dtype).requires_grad_(True)
+    k = torch.randn(batch, heads, 2 * side * side, width, generator=g).to(device, dtype).requires_grad_(True)
+    keys = (torch.arange(side)[:, None] * 2 * side + torch.arange(side)).reshape(-1).to(device)
+    weights = torch.randn(batch, side * side, side * side, generator=g).to(device)
+    scale = width ** -0.5
+
+    def tiled():
+        maps = head_mean_probs(q, k, scale, None, keys, read_tile_elements(device))
+        return torch.autograd.grad((maps * weights).sum(), (q, k))
+
+    def plain():
+        maps = sum(attention_scores(q[:, h], k[:, h], scale).softmax(-1) for h in range(heads)) / heads
+        return torch.autograd.grad((maps[..., keys] * weights).sum(), (q, k))
+
+    times, peaks = time_stages({"autograd": plain, "tiled": tiled}, repeats, device, memory=True)
+    return {"read autograd s": times["autograd"], "read tiled s": times["tiled"],
+            "read tiled / autograd (time)": times["tiled"] / times["autograd"],
+            "read autograd peak MiB": peaks["autograd"] / 2**20, "read tiled peak MiB": peaks["tiled"] / 2**20}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=512)
@@ -159,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    results = {**layer_ratios(args.resolution, args.batch, args.repeats, device, dtype),
+    results = {**read_ratios(args.resolution, args.batch, args.repeats, device, dtype),
+               **layer_ratios(args.resolution, args.batch, args.repeats, device, dtype),
                **unet_ratios(args.resolution, args.batch, args.repeats, device, dtype)}
     sync(device)
     width = max(map(len, results))

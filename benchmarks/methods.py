@@ -103,6 +103,8 @@ class Row:
     steps: Callable[[int], int] | None = None
     """``--steps`` -> the steps this row runs on both sides (None: ``--steps`` as given), for methods whose cost
     depends on which timesteps the steps land on."""
+    variant: str = ""
+    """Shown after the method's name, for a method with several rows (CorrFill's baselines)."""
 
 
 def row_sd() -> Row:
@@ -174,7 +176,8 @@ def _corrfill_reference() -> np.ndarray:
 def _corrfill_row(baseline: str, model: Callable[[], Path], **options: Any) -> Row:
     options = {"baseline": baseline, **options}
     return Row("corrfill", "corrfill", model, base_model=model, options=options,
-               base_options={**options, **_CORRFILL_OFF}, inputs={"reference": _corrfill_reference()})
+               base_options={**options, **_CORRFILL_OFF}, inputs={"reference": _corrfill_reference()},
+               variant=baseline)
 
 
 def sd15_paint_by_example_dir() -> Path:
@@ -314,7 +317,7 @@ def measure(row: Row, *, resolution: int, steps: int, repeats: int, device: torc
                     call(side)
             for side in sides:
                 painters[side].release()
-    result = {"method": row.method, "base": row.base, "steps": steps}
+    result = {"method": row.method, "variant": row.variant, "base": row.base, "steps": steps}
     for side in painters:
         result[f"{side}_s"] = statistics.median(times[side])
         result[f"{side}_cpu_s"] = statistics.median(cpu_times[side])
@@ -336,7 +339,8 @@ def table(results: list[dict[str, Any]], *, resolution: int, steps: int, device:
              "base UNet fwd (bwd) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        method = r["method"] if r["steps"] == steps else f"{r['method']} ({r['steps']} steps)"
+        method = " ".join(filter(None, (r["method"], r.get("variant"))))
+        method = method if r["steps"] == steps else f"{method} ({r['steps']} steps)"
         lines.append(f"| {method} | {r['base']} | {r['method_s']:.2f} | {r['base_s']:.2f} | "
                      f"{r['time_ratio']:.2f} | {r['method_cpu_s']:.2f} | {r['base_cpu_s']:.2f} | "
                      f"{r['cpu_time_ratio']:.2f} | {r['method_peak_gb']:.2f} | "
