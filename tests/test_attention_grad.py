@@ -110,3 +110,39 @@ def test_no_graph_survives_a_step_and_no_state_is_kept(setup):
         assert len(installed) == 5 + 5 + 5
         assert all(p.block_input is None and p.block_encoder_hidden_states is None for p in installed)
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_gradient_checkpointing_backward_inside_replaying_reads_each_call_once(setup):
+    """With the UNet's gradient checkpointing, autograd re-runs the layers inside the backward; inside
+    ``controller.replaying()`` their reads are not delivered again (stores keep one map per forward call) and the gradient is the
+    one without checkpointing."""
+    unet, controller, store, probs, z, text = setup
+    with controller:
+        controller.state.cfg = True
+        _, plain, _ = _guided_step(unet, controller, store, probs, z, text)
+
+        def step(replay: bool):
+            with torch.enable_grad():
+                x = z.detach().requires_grad_(True)
+                store.clear(), probs.clear()
+                unet(torch.cat([x, x]), 500, encoder_hidden_states=text)
+                counts = len(store.maps), len(probs.maps)
+                loss = _loss(store, probs)
+                if replay:
+                    with controller.replaying():
+                        (grad,) = torch.autograd.grad(loss, x)
+                else:
+                    (grad,) = torch.autograd.grad(loss, x)
+                after = len(store.maps), len(probs.maps)
+                store.clear(), probs.clear()
+            return counts, after, grad
+
+        unet.enable_gradient_checkpointing()
+        try:
+            counts, after, grad = step(replay=True)
+            assert after == counts and not controller.state.replaying  # no second read; the flag is restored
+            torch.testing.assert_close(grad, plain, rtol=1e-10, atol=1e-12)
+            counts, after, _ = step(replay=False)
+            assert after[0] > counts[0] and after[1] > counts[1]  # without it the re-run layers read again
+        finally:
+            unet.disable_gradient_checkpointing()

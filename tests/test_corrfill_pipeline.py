@@ -259,14 +259,18 @@ def test_gradient_checkpointing_changes_nothing(pipe, monkeypatch):
 
     from asuka.pipelines.corrfill.control import MatchReader
 
-    reads = []
-    on_read = MatchReader.on_read
-    monkeypatch.setattr(MatchReader, "on_read", lambda self, call, maps: (reads.append(1), on_read(self, call, maps)))
+    import asuka.attention.processor as processor
+
+    computed, delivered = [], []
+    read_maps, on_read = processor._read_maps, MatchReader.on_read
+    monkeypatch.setattr(processor, "_read_maps", lambda *args: (computed.append(1), read_maps(*args))[1])
+    monkeypatch.setattr(MatchReader, "on_read", lambda self, call, maps: (delivered.append(1), on_read(self, call, maps)))
     ref, img, mask = inputs()
     expected = run(pipe, FULL, ref, img, mask)
-    plain = len(reads)
+    plain, plain_delivered = len(computed), len(delivered)
     assert torch.equal(run(pipe, replace(FULL, gradient_checkpointing=True), ref, img, mask), expected)
-    assert len(reads) - plain > plain  # the backward re-ran the layers
+    assert len(computed) - plain > plain  # the backward re-ran the layers ...
+    assert len(delivered) - plain_delivered == plain_delivered  # ... and the controller kept their reads from voting
     assert not pipe.unet.is_gradient_checkpointing
     pipe.unet.enable_gradient_checkpointing()
     try:

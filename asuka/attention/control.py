@@ -43,7 +43,7 @@ class CallState:
     timestep / step / phase: set before each UNet call (Python values, used by ``active`` gates).
     cfg: the batch is ``[uncond, cond]`` halves (classifier-free guidance); "cond" reads and
     per-sample masks use it. latent_size / batch_size: recorded automatically from the UNet input
-    at each call (shapes only; no host sync).
+    at each call (shapes only; no host sync). replaying: see below.
     """
 
     timestep: float | int | None = None
@@ -52,6 +52,10 @@ class CallState:
     cfg: bool = False
     latent_size: tuple[int, int] | None = None
     batch_size: int | None = None
+    replaying: bool = False
+    """True while autograd re-runs checkpointed layers inside a backward (:meth:`AttentionController.replaying`):
+    reads are computed as in the forward (checkpointing checks that the recomputation saves the same tensors) but not
+    delivered again (the forward delivered them); edits apply as in the forward."""
 
 
 @dataclass(frozen=True)

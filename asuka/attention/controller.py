@@ -19,7 +19,8 @@ gives the outer ones back on exit (exit in reverse order of entry).
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TypeVar
 
 from torch import nn
 
@@ -56,6 +57,18 @@ class AttentionController:
                 raise ValueError(f"{layer!r} is not a layer of this controller's UNet")
             self._plan.setdefault(layer.index, []).append(control)
         return control
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Wrap the backward (``torch.autograd.grad`` / ``loss.backward()``) of a UNet with gradient checkpointing:
+        autograd re-runs the checkpointed layers inside it, and their reads are not delivered again, so every read
+        reaches its control once per forward call (a store or a vote does not count a layer twice). Everything else
+        runs as in the forward, so the recomputation equals it."""
+        previous, self.state.replaying = self.state.replaying, True
+        try:
+            yield
+        finally:
+            self.state.replaying = previous
 
     def __enter__(self) -> "AttentionController":
         if self.installed:

@@ -159,7 +159,9 @@ class ControlledAttnProcessor(nn.Module):
         for entry in active:
             if entry.control.read is not None:
                 call.state = entry.state
-                entry.control.on_read(call, _read_maps(entry.control, call, query, key, attention_mask))
+                maps = _read_maps(entry.control, call, query, key, attention_mask)
+                if not entry.state.replaying:  # recomputed in a backward: computed (checkpointing checks that the
+                    entry.control.on_read(call, maps)  # same tensors are saved again) but not delivered twice
 
         for entry in active:  # keys and values first, so every later hook sees the final key count
             if "keys_values" in entry.hooks:

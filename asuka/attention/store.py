@@ -17,7 +17,7 @@ class AttentionStore(AttentionControl):
     call order; :meth:`clear` empties them - call it before every UNet call whose maps you want, so no
     graph outlives its step. With ``read.grad`` the maps keep their autograd graph. Under UNet gradient
     checkpointing (diffusers recomputes blocks in backward when grad is enabled) processors run again
-    during backward and a store would receive those calls too: keep checkpointing off while storing.
+    during backward: run that backward inside ``controller.replaying()`` so the store does not receive those calls.
     """
 
     def __init__(self, read: Read, when: Callable[[AttentionLayer, CallState], bool] | None = None):

@@ -37,7 +37,6 @@ class CorrFillState:
         self.phase = OFF
         self.step = 0  # the loop's step index (bookkeeping: nothing reads it inside a UNet pass)
         self.masking = False  # this pass adds the Eq. 3-4 mask (set per pass by the loop: a bool, not a step count)
-        self.replaying = False  # backward of the gradient pass: checkpointed layers run again and must not vote
         self.collected: list[torch.Tensor] = []
         # read-only during a pass (torch.compile guards stay fixed)
         self._rows, self._keys = _half_tokens_per_side(side, device, h=1), _half_tokens_per_side(side, device, h=0)
@@ -149,8 +148,6 @@ class MatchReader(AttentionControl):
     def on_read(self, call, maps: torch.Tensor) -> None:
         """``maps``: ``(B, n*n, n*n)`` target-query -> reference-key head-mean probabilities."""
         s = self.state
-        if s.replaying:  # gradient checkpointing recomputes the layer in backward: it was counted in forward
-            return
         if self._votes(call.layer) and (s.phase == MAIN or s.config.vote_in_grad_pass):
             s.vote(maps)
         if s.phase == GRAD:

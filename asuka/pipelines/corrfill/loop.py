@@ -126,11 +126,8 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
             z = _autograd_ready(latents.detach()).requires_grad_(True)
             pipe.unet(model_input(z, t, extra, False), t, encoder_hidden_states=hidden, return_dict=False, **kwargs)
             loss = state.loss().sum() * config.loss_rescale
-            state.replaying = True  # a UNet with gradient checkpointing re-runs its layers now: no second vote
-            try:
+            with controller.replaying():  # a UNet with gradient checkpointing re-runs its layers now: no second vote
                 (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
-            finally:
-                state.replaying = False
         state.collected = []
         grad = torch.zeros_like(latents) if grad is None else grad / config.loss_rescale
         return guidance.normalized_gradient(grad[..., side:])
