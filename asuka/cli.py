@@ -176,9 +176,8 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
                     strings[name] = value
             else:
                 strings[key] = value
-        for flag, key, value in (("--steps", "num_inference_steps", args.steps),
-                                 ("--guidance-scale", "guidance_scale", args.guidance_scale),
-                                 ("--baseline", "baseline", args.baseline)):
+        for flag, dest, key in OPTION_SHORTCUTS:
+            value = getattr(args, dest)
             if value is not None:
                 if key not in spec.by_name:
                     raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")
@@ -456,13 +455,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     return parser, commands
 
 
-def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
+OPTION_SHORTCUTS = (("--steps", "steps", "num_inference_steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
+                    ("--baseline", "baseline", "baseline"))
+"""Flags that stand for one method option: (flag, argparse dest, option name)."""
+
+
+def flag_for(field: str, parser: argparse.ArgumentParser, args: argparse.Namespace | None = None) -> str:
     """The command-line spelling of a library field (:class:`~asuka.errors.InputError`'s ``field``): ``options.KEY``
-    is ``--set KEY``, ``inputs.ROLE`` the role's flag (``--input ROLE`` for roles without one), a field that is an
-    argument's ``dest`` that argument's flag; anything else is printed as is."""
+    is ``--set KEY`` (or its shortcut flag, e.g. ``--baseline``, when the command line used that), ``inputs.ROLE`` the
+    role's flag (``--input ROLE`` for roles without one), a field that is an argument's ``dest`` that argument's flag;
+    anything else is printed as is."""
     flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     head, _, key = field.partition(".")
     if head == "options" and key:
+        for flag, dest, option in OPTION_SHORTCUTS:
+            if option == key and getattr(args, dest, None) is not None:
+                return flag
         return f"--set {key}"
     if head == "inputs" and key:
         return flags.get(f"input_{key}", f"--input {key}")
@@ -471,11 +479,12 @@ def flag_for(field: str, parser: argparse.ArgumentParser) -> str:
     return flags.get(field, field)
 
 
-def error_line(err: Exception, parser: argparse.ArgumentParser) -> str:
-    """One line for an error: an :class:`~asuka.errors.InputError` with a field is prefixed by its flag."""
+def error_line(err: Exception, parser: argparse.ArgumentParser, args: argparse.Namespace | None = None) -> str:
+    """One line for an error: an :class:`~asuka.errors.InputError` with a field is prefixed by its flag (as the
+    command line ``args`` spelled it)."""
     from asuka.errors import InputError
 
-    text = f"{flag_for(err.field, parser)}: {err.message}" if isinstance(err, InputError) and err.field else str(err)
+    text = f"{flag_for(err.field, parser, args)}: {err.message}" if isinstance(err, InputError) and err.field else str(err)
     return " ".join(text.split())
 
 
@@ -495,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands[args.command].run(args) or 0
         except (InputError, CommandError, FileNotFoundError, OSError) as err:
             subparser = parser._subparsers._group_actions[0].choices[args.command]
-            print(f"asuka {args.command}: error: {error_line(err, subparser)}", file=sys.stderr)
+            print(f"asuka {args.command}: error: {error_line(err, subparser, args)}", file=sys.stderr)
             return 1
 
 
