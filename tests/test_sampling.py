@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AsymmetricAutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline
+from diffusers import AsymmetricAutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline
 
 from asuka.models.tiny import tiny_sd_components
-from asuka.pipelines._sampling import (AlphaBar, Step, cfg_noise, ddim_sigma, decode, denoise, latent_gradient,
-                                       predicted_x0, previous_timestep, unet_input)
+from asuka.pipelines._sampling import (AlphaBar, Step, cfg_noise, ddim_sigma, ddim_without_clipping, decode, denoise,
+                                       latent_gradient, predicted_x0, previous_timestep, unet_input)
 
 SIZE = 64
 
@@ -185,3 +185,14 @@ def test_decode_hands_image_and_mask_to_an_asymmetric_vae_and_applies_shift():
 
 def test_step_is_last():
     assert Step(2, torch.tensor(1), 3).is_last and not Step(1, torch.tensor(1), 3).is_last
+
+
+def test_ddim_without_clipping_keeps_the_schedule_and_drops_clipping():
+    """The sampler of the PILOT, HarmonPaint and CorrFill runners: DDIM on the folder's noise schedule and spacing,
+    never clipping x0 (also when the folder ships a DDIM that clips, or another sampler)."""
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    for source in (PNDMScheduler(**schedule), DDIMScheduler(**schedule, clip_sample=True)):
+        ddim = ddim_without_clipping(source)
+        assert isinstance(ddim, DDIMScheduler) and ddim.config.clip_sample is False
+        assert torch.equal(ddim.alphas_cumprod, source.alphas_cumprod)
+        assert ddim.config.steps_offset == 1 and ddim.config.timestep_spacing == source.config.timestep_spacing

@@ -144,6 +144,14 @@ class AlphaBar:
         return self.table[torch.where(t >= 0, t, self.table.numel() - 1)]
 
 
+def ddim_without_clipping(scheduler: Any) -> Any:
+    """diffusers' ``DDIMScheduler`` on ``scheduler``'s noise schedule and timestep spacing, without sample clipping
+    (how SD samples with DDIM, and the sampler of the PILOT, HarmonPaint and CorrFill papers' code)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+
+
 def previous_timestep(scheduler: Any, t: torch.Tensor | int) -> torch.Tensor | int:
     """DDIM's previous timestep ``t - num_train_timesteps // num_inference_steps`` (may be negative at the end)."""
     return t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps

@@ -10,6 +10,7 @@ import torch
 
 from asuka.errors import InputError
 from asuka.pipelines._registry import PipelineRunner, load_pipeline, resolve_model
+from asuka.pipelines._sampling import ddim_without_clipping
 from asuka.pipelines.corrfill.config import make_config
 
 # The official code's conditioning per baseline (corrfill_module/corrfill.py::CorrFill_Inpaint.generate,
@@ -80,14 +81,12 @@ class CorrFillRunner(PipelineRunner):
     multiple = 64
 
     def __init__(self, pipe, paint_by_example: bool) -> None:
-        from diffusers import DDIMScheduler
-
         super().__init__(pipe)
         self.paint_by_example = paint_by_example
         # "ddim": the paper's sampler (and the official code's for SD: DDIMScheduler from the folder's schedule, no
         # sample clipping); "model": the folder's own (PNDM for Paint-by-Example, as the official code).
         self.schedulers = {"model": pipe.scheduler,
-                           "ddim": DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)}
+                           "ddim": ddim_without_clipping(pipe.scheduler)}
         self._ip_adapter: tuple | None = None
         self._embeds: dict[str, torch.Tensor] = {}
 

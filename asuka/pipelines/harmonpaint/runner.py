@@ -1,7 +1,7 @@
 """The ``harmonpaint`` method's builder and runner: :class:`~asuka.pipelines.harmonpaint.pipeline.HarmonPaintPipeline`
 loaded from any 9-channel SD inpainting folder or hub id, sampling with DDIM as in the paper (§V-A: 50 DDIM steps,
-guidance 7.5; a folder shipping another scheduler gets a DDIM scheduler built from its config, without sample
-clipping, as SD uses it)."""
+guidance 7.5; DDIM on the folder's noise schedule, without sample clipping, as SD uses it and as the official
+code's scheduler)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
+from asuka.pipelines._sampling import ddim_without_clipping
 from asuka.pipelines.harmonpaint.pipeline import HarmonPaintPipeline
 
 
@@ -35,6 +35,5 @@ def build_harmonpaint(model: str | Path, *, device: torch.device, dtype: torch.d
     (e.g. a ``HarmonizingDecoderKL``, which then decodes with the image and the mask)."""
     pipe = load_pipeline(HarmonPaintPipeline, model, dtype, vae=vae, safety_checker=None,
                          requires_safety_checker=False)
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.scheduler = ddim_without_clipping(pipe.scheduler)
     return HarmonPaintRunner(pipe.to(device))

@@ -12,6 +12,7 @@ import torch
 
 from asuka.errors import InputError
 from asuka.pipelines._registry import PipelineRunner, load_pipeline
+from asuka.pipelines._sampling import ddim_without_clipping
 from asuka.weights import resolve_pretrained
 
 LORA_ADAPTER = "pilot-lora"
@@ -112,7 +113,7 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
       ``lora_scale``);
     - ``vae``: an autoencoder to use instead of the model's (e.g. a ``HarmonizingDecoderKL``).
     """
-    from diffusers import ControlNetModel, DDIMScheduler, T2IAdapter
+    from diffusers import ControlNetModel, T2IAdapter
 
     from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
 
@@ -124,7 +125,7 @@ def build_pilot(model: str | Path, *, device: torch.device, dtype: torch.dtype, 
         components["adapter"] = T2IAdapter.from_pretrained(
             resolve_pretrained(t2i_adapter, field="weights.t2i_adapter", what="T2I-Adapter"), torch_dtype=dtype)
     pipe = load_pipeline(PilotInpaintPipeline, model, dtype, vae=vae, **components)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.scheduler = ddim_without_clipping(pipe.scheduler)
     if ip_adapter is not None:
         weights = _weight_file(ip_adapter, "weights.ip_adapter")
         pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name)
