@@ -29,9 +29,17 @@ def _dm(train, val=None, **kw):
 
 
 def _shard_of_key(paths):
-    import webdataset as wds
+    """Sample key -> shard path (webdataset's key: the member path up to the first dot of its file name); read with
+    tarfile, which closes each shard (``wds.WebDataset`` leaves its files to the garbage collector)."""
+    import re
+    import tarfile
 
-    return {s["__key__"]: p for p in paths for s in wds.WebDataset([p], shardshuffle=False)}
+    keys = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for name in tar.getnames():
+                keys[re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name).group(1)] = path
+    return keys
 
 
 def test_batch_contract(sample):

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from asuka.data.pipeline import tar_samples
 from asuka.data.shards import decode_image, encode_image, write_manifest, write_shards
 from trainers.latent_augment import add_noise, key_draw, main, predict_x0
 
@@ -58,7 +58,7 @@ def shards(tmp_path_factory):
 
 
 def _read(path: Path) -> dict[str, dict]:
-    return {s["__key__"]: s for s in wds.tariterators.tarfile_samples(iter([{"url": str(path)}]))}
+    return {s["__key__"]: s for s in tar_samples()(iter([{"url": str(path)}]))}
 
 
 def _reference(pipe: Path, rgb: np.ndarray, key: str) -> np.ndarray:

@@ -38,12 +38,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
+from asuka.data.pipeline import tar_samples
 from asuka.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, count_samples, decode_image, encode_image,
                                manifest_splits, write_manifest)
 from asuka.tensors import to_numpy_uint8
@@ -152,7 +152,7 @@ class ShardSamples(IterableDataset):
         jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
         for job in jobs:
             pending: list[dict] = []
-            for sample in wds.tariterators.tarfile_samples(iter([{"url": job.source}])):
+            for sample in tar_samples()(iter([{"url": job.source}])):
                 item = self._prepare(sample)
                 shape = None if item["image"] is None else tuple(item["image"].shape)
                 if pending and (len(pending) == self.batch_size or shape != pending[0].get("shape")):

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from asuka.data.shards import IMAGE_EXTENSIONS, decode_image
 
 __all__ = [
-    "DataStreamError", "FailureCounter", "ShardIndex", "index_shard", "TrainStream", "ResumableLoader",
+    "DataStreamError", "FailureCounter", "ShardIndex", "index_shard", "TrainStream", "ResumableLoader", "tar_samples",
     "TrainTransform", "ValTransform", "collate", "finish_batch", "random_resized_crop_box", "crop_resize",
     "center_crop_resize", "key_seed", "rank_shards", "val_pipeline", "worker_slot",
 ]
@@ -532,9 +532,11 @@ class _ValShards(IterableDataset):
         return iter([{"url": u} for u in self.urls])
 
 
-def _tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterator[dict]], Iterator[dict]]:
+def tar_samples(handler: Callable[[Exception], bool] = wds.handlers.reraise_exception
+                ) -> Callable[[Iterator[dict]], Iterator[dict]]:
     """webdataset's ``tarfile_to_samples`` with each shard file closed as soon as its samples are read or the stream
-    is abandoned (validation stopping early): its ``url_opener`` leaves the file to the garbage collector."""
+    is abandoned (validation stopping early): its ``url_opener`` leaves the file to the garbage collector.
+    ``tar_samples()(iter([{"url": path}]))`` yields the samples of one shard."""
     tar = wds.tariterators
 
     def opened(src: Iterator[dict]) -> Iterator[dict]:
@@ -570,7 +572,7 @@ def val_pipeline(urls: Sequence[str], *, resolution: int, batch_size: int, mask_
                  max_failure_ratio: float = 0.5, min_failures: int = 20) -> wds.DataPipeline:
     """The fixed validation set: every rank reads all of it (it is small), in shard order."""
     counter = FailureCounter(max_failure_ratio, min_failures)
-    stages = [_ValShards(urls), _tar_samples(counter.handler)]
+    stages = [_ValShards(urls), tar_samples(counter.handler)]
     if max_samples is not None:
         stages.append(wds.slice(max_samples))
     stages += [
