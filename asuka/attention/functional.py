@@ -106,7 +106,8 @@ def _tile_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor |
 class _HeadMeanProbs(torch.autograd.Function):
     """Autograd of :func:`head_mean_probs`: forward keeps q, k and the row log-sum-exp only; backward recomputes
     each tile's probabilities ``P = exp(S - lse)`` and forms ``dS = P ⊙ (G' - rowsum(P_sel ⊙ G))`` in place
-    (``G'``: the incoming gradient at the selected keys, 0 elsewhere), then ``dq = dS k·scale``, ``dk = dSᵀ q·scale``."""
+    (``G'``: the incoming gradient at the selected keys, 0 elsewhere), then ``dq = dS k·scale``,
+    ``dk = dSᵀ q·scale``."""
 
     @staticmethod
     def forward(ctx, q, k, scale, bias, keys, tile_elements):

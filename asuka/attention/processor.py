@@ -299,7 +299,8 @@ def _read_maps(control: AttentionControl, call: AttentionCall, query, key, mask)
             maps = attention_scores(q, k, call.scale, bias=m)
             maps = maps if spec.what == "scores" else maps.softmax(-1)
         else:  # head-mean scores: linear in q and k, so autograd keeps only q and k; one chunk of heads at a time
-            step = max(1, min(q.shape[1], read_tile_elements(q.device) // max(1, q.shape[0] * q.shape[2] * k.shape[2])))
+            per_head = max(1, q.shape[0] * q.shape[2] * k.shape[2])
+            step = max(1, min(q.shape[1], read_tile_elements(q.device) // per_head))
             maps = sum(attention_scores(q[:, h:h + step], k[:, h:h + step], call.scale,
                                         bias=None if m is None else m[:, h:h + step] if m.shape[1] > 1 else m).sum(1)
                        for h in range(0, q.shape[1], step)) / q.shape[1]

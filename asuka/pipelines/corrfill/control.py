@@ -4,9 +4,10 @@
 correspondences ``P`` / outliers ``P_o``, the adaptive weight, the maps kept for the loss -- and is created fresh
 for every pipeline call, so nothing leaks between images or batch elements (the official code keeps it in module
 globals). :class:`MatchReader` reads the raw head-mean probabilities of the target-query rows of the conditional
-half at the reference keys (the softmax over all keys, so it is the layer's) and votes on the vote layers; in the gradient pass it also keeps them
-with autograd for the objective. :class:`CorrespondenceMask` adds the Eq. 3-4 mask on every self-attention layer
-during the first ``step_masking`` steps of the main pass; built after the same layer's vote, as in the code.
+half at the reference keys (the softmax over all keys, so it is the layer's) and votes on the vote layers; in the
+gradient pass it also keeps them with autograd for the objective. :class:`CorrespondenceMask` adds the Eq. 3-4 mask
+on every self-attention layer during the first ``step_masking`` steps of the main pass; built after the same layer's
+vote, as in the code.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def _half_tokens_per_side(side: int, device: torch.device, h: int) -> dict[int, 
     tokens = {}
     n = side
     while n >= 1:
-        tokens[n] = (torch.arange(n, device=device)[:, None] * 2 * n + h * n + torch.arange(n, device=device)).reshape(-1)
+        axis = torch.arange(n, device=device)
+        tokens[n] = (axis[:, None] * 2 * n + h * n + axis).reshape(-1)
         if n % 2:
             break
         n //= 2

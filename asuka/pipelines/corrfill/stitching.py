@@ -19,9 +19,9 @@ def check_pair(reference: torch.Tensor, image: torch.Tensor) -> None:
                          "image", "inputs.reference")
     height, width = image.shape[-2:]
     if height != width:
-        raise InputError(f"CorrFill needs square images (it matches square token grids), got "
-                         f"{height}x{width} (height x width as the model sees it, after any padding to multiples of 64); "
-                         "crop or resize to a square (the paper uses 512x512)", "image")
+        raise InputError(f"CorrFill needs square images (it matches square token grids), got {height}x{width} "
+                         "(height x width as the model sees it, after any padding to multiples of 64); crop or resize "
+                         "to a square (the paper uses 512x512)", "image")
 
 
 def stitch(reference: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
