@@ -173,10 +173,11 @@ def _check_image_input(value: Any, role: str, stem: str, aligned: bool, size: tu
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file as it will be loaded (EXIF orientation applied), header only."""
-    from PIL import Image
+    """``(width, height)`` of an image file as it will be loaded (EXIF orientation applied), header only (no
+    decompression-bomb check here: the loader checks the pixel count with its own limit and a clear error)."""
+    from asuka.image_limits import read_header
 
-    with Image.open(path) as img:
+    with read_header(path) as img:
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -29,9 +29,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = _new_file_mode()
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), mode)  # before the fsync, so the mode reaches the disk with the data
             os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

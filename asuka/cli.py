@@ -181,7 +181,9 @@ def method_requests(args: argparse.Namespace, methods: Sequence[str], *, demo: b
             if value is not None:
                 if key not in spec.by_name:
                     raise CommandError(f"{flag}: method {method!r} has no {key} option (see --describe)")
-                strings.setdefault(key, str(value))
+                if key in strings:
+                    raise CommandError(f"{flag}: also given as --set {key}; pass one of them")
+                strings[key] = str(value)
         values = {}
         preset_values = spec.preset(presets[method]).values if presets[method] else {}
         if demo and "num_inference_steps" in spec.by_name and "num_inference_steps" not in {**strings, **preset_values}:

@@ -96,10 +96,11 @@ def _rss_gib(field: str) -> float:
 
 def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, device: str = "cpu",
             dtype: str = "float32", threads: int = 2, warmup: bool = False,
-            order: tuple[str, ...] = ("full", "masking", "baseline"), gradient_checkpointing: bool = False) -> dict:
+            gradient_checkpointing: bool = False) -> dict:
     """Time the three configurations in this process (seconds per image for ``steps`` steps, VAE decode excluded:
     it is the same in all three, so the ratios are conservative) and their peak memory: on CPU the peak RSS of the
-    process during that configuration (the kernel's counter, reset before each; it includes the weights), on CUDA
+    process during that configuration (the kernel's counter, reset before each; it includes the weights; NaN where
+    it cannot be reset), on CUDA
     the peak allocated. The full method runs first, so it pays the process's first-call costs (page faults of new
     allocations, kernel selection): ratios are conservative without a warm-up; ``warmup`` adds a one-step baseline
     call first. ``gradient_checkpointing``: the full method with the UNet's blocks checkpointed in the gradient pass."""
@@ -131,12 +132,12 @@ def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, dev
         call(configs["baseline"], 1)
     weights_gib = _rss_gib("VmRSS") if dev.type == "cpu" else torch.cuda.memory_allocated(dev) / 2**30
     rows = {}
-    for name in order:
+    for name in ("full", "masking", "baseline"):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         else:
-            _peak_rss_reset()
+            separate = _peak_rss_reset()
         before = _rss_gib("VmRSS") if dev.type == "cpu" else torch.cuda.memory_allocated(dev) / 2**30
         start = time.perf_counter()
         call(configs[name], steps)
@@ -144,7 +145,8 @@ def measure(baseline: str = "side-by-side", size: int = 512, steps: int = 1, dev
             torch.cuda.synchronize(dev)
             peak = torch.cuda.max_memory_allocated(dev) / 2**30
         else:
-            peak = _rss_gib("VmHWM")
+            # without a reset the kernel's counter is the process's running peak: not this configuration's
+            peak = _rss_gib("VmHWM") if separate else float("nan")
         seconds = time.perf_counter() - start
         rows[name] = {"seconds": seconds, "seconds_per_step": seconds / steps, "peak_gib": peak,
                       "before_gib": before}

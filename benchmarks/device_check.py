@@ -446,10 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--methods", help="only these methods (comma list)")
     p.add_argument("--size", type=positive_int, help="image size (default 512; 64 with --tiny)")
     p.add_argument("--steps", type=positive_int, default=20, help="denoising steps in real mode (default 20)")
-    p.add_argument("--repeats", type=non_negative_int, help="timed calls after the warm-up (default 3; 1 with --tiny)")
+    p.add_argument("--repeats", type=non_negative_int, help="timed calls after the warm-up (default 3; 0 with --tiny)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="inference dtype (default float16 on CUDA, float32 on CPU)")
-    p.add_argument("--train-steps", type=positive_int, help="timed training steps (default 10; 2 with --tiny)")
+    p.add_argument("--train-steps", type=positive_int, help="timed training steps (default 10; 1 with --tiny)")
     p.add_argument("--train-warmup", type=non_negative_int, help="untimed first training steps (default 3; 1 with --tiny)")
     p.add_argument("--backend", help="torch.compile backend (default inductor; eager with --tiny: graph capture "
                                      "only, since CPU code generation takes minutes)")

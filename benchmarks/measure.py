@@ -72,6 +72,9 @@ def time_stages(stages: dict[str, Callable[[], object]], repeats: int, device: t
     times: dict[str, list[float]] = {name: [] for name in stages}
     peaks: dict[str, int] = {}
     for name, fn in stages.items():
+        if not memory:
+            fn()
+            continue
         with PeakMemory(device) as peak:
             fn()
         peaks[name] = peak.peak

@@ -26,6 +26,14 @@ def tiny_inpaint_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    """A tiny Stable Diffusion text-to-image folder (4-channel UNet, cross-attention 32): PILOT's base model."""
+    from asuka.models.tiny import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_dir_768(tmp_path_factory):
     """Tiny SD-inpainting folder whose UNet takes 768-d conditions (the aligner's output width)."""
     from asuka.models.tiny import save_tiny_sd_inpaint

@@ -117,6 +117,8 @@ def test_soft_mask_warns_in_one_line(files, tmp_path, capsys):
      "error: --baseline: 'nope' is not one of the choices"),  # named as the command line spelled it
     (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--method", "corrfill", "--set",
       "baseline=nope"], "error: --set baseline: 'nope' is not one of the choices"),
+    (["--image", "{f}/images/cat.png", "--mask", "{f}/shared_mask.png", "--method", "corrfill", "--baseline", "nope",
+      "--set", "baseline=side-by-side"], "error: --baseline: also given as --set baseline; pass one of them"),
 ])
 def test_bad_input_one_line_error(files, tiny_inpaint_dir, tmp_path, capsys, args, message):
     argv = [a.format(f=files) for a in args]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("mae", "aligner", "decoder")
 
@@ -33,6 +35,7 @@ def _tables(markdown: str) -> dict[str, list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 def test_tiny_device_check_writes_every_row_with_the_readme_columns(tmp_path):
     from asuka.pipelines._registry import available_methods
 

@@ -34,7 +34,7 @@ BIASES = {
 }
 
 
-@pytest.mark.parametrize("tile", [1, NK * B * 2 + 1, 1 << 24])  # one row per tile, a partial last tile, one tile
+@pytest.mark.parametrize("tile", [1, NK * B * 2 + 1, 2 * B * NQ * NK, 1 << 24])  # rows of a head (one; two, the last partial), two heads (the last group partial), all heads
 @pytest.mark.parametrize("keys", [None, KEYS], ids=["all-keys", "some-keys"])
 @pytest.mark.parametrize("bias", list(BIASES), ids=list(BIASES))
 def test_values_and_gradients_match_dense_autograd(tile, keys, bias):

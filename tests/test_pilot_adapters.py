@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline
-from pilot_support import sd_dir  # noqa: F401  (fixture)
 
 SIZE = 64
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from asuka.pipelines._registry import get_method
-from pilot_support import sd_dir  # noqa: F401  (fixture)
 
 SIZE = 64
 FAST = {"num_inference_steps": 2, "op_interval": 1, "num_gradient_ops": 1}

@@ -17,7 +17,6 @@ from asuka.pipelines.pilot import controls as ctl
 from asuka.pipelines.pilot.objective import PilotLoss, latent_hole_mask, word_token_mask
 from asuka.pipelines.pilot.pipeline import PilotInpaintPipeline, _Conditioning
 from asuka.pipelines.pilot.schedule import descend
-from pilot_support import sd_dir  # noqa: F401  (fixture)
 
 SIZE = 64
 STEPS = 4

@@ -12,7 +12,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from asuka.models.aligner import PriorAligner
-from trainers.aligner import AlignerModule, reconstructed_prior_probability, swap_to_reconstructed
+from trainers.aligner import AlignerModule
+from trainers.alignment import reconstructed_prior_probability, swap_to_reconstructed
 from trainers.export import export_checkpoint
 from trainer_support import PhotoDataModule
 

@@ -7,7 +7,7 @@ recipe (the MAE's masking, paper §3.2):
    of the masked image. With probability ``p`` (per sample) ``F`` is the MAE *reconstructed* prior instead — the
    same call with an all-zero mask (paper §3.2 "Misalignment"); both are one MAE pass (the swapped samples' masks
    are zeroed). ``p`` falls linearly from 1.0 to 0.1 over the first 2,000 optimizer steps, then stays
-   (:func:`reconstructed_prior_probability`, paper §4).
+   (:func:`trainers.alignment.reconstructed_prior_probability`, paper §4).
 2. SD's ε-prediction objective through the frozen SD-1.5-inpainting UNet: ``z0 = s·E(image)``, ``t ~ U{0..T-1}``,
    ``z_t = add_noise(z0, ε, t)`` with the UNet's training schedule (``DDPMScheduler`` from the SD folder's
    scheduler config), UNet input ``[z_t, mask↓, s·E(image·(1-mask))]`` with ``mask↓`` = nearest interpolation to
@@ -41,9 +41,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from asuka.models.aligner import PriorAligner
 from asuka.models.mae import MAEPrior
 from asuka.models.tiny import expand_tiny
-from trainers.alignment import AlignmentStage, reconstructed_prior_probability, swap_to_reconstructed
+from trainers.alignment import AlignmentStage
 
-__all__ = ["AlignerModule", "reconstructed_prior_probability", "sd_inpaint_source", "swap_to_reconstructed"]
+__all__ = ["AlignerModule", "sd_inpaint_source"]
 
 PAPER_LR = 5e-2
 DEFAULT_SD_INPAINT = "stable-diffusion-v1-5/stable-diffusion-inpainting"

@@ -90,16 +90,23 @@ def weighted_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: Low
     return (rows.to(out.dtype).unsqueeze(-1) * out).sum(-2)
 
 
-def _tile_rows(batch: int, rows: int, keys: int, tile_elements: int) -> int:
-    return max(1, min(rows, tile_elements // max(1, batch * keys)))
+def _tiles(batch: int, heads: int, rows: int, keys: int, tile_elements: int) -> list[tuple[slice, slice]]:
+    """(head slice, row slice) tiles of a (B, H, Nq, Nk) score map holding at most ``tile_elements`` scores (at least
+    one row of one head): several whole heads per tile when a head fits, else a few rows of one head."""
+    per_head = batch * rows * keys
+    if per_head <= tile_elements:
+        step = max(1, tile_elements // max(1, per_head))
+        return [(slice(h, h + step), slice(None)) for h in range(0, heads, step)]
+    step = max(1, tile_elements // max(1, batch * keys))
+    return [(slice(h, h + 1), slice(r, r + step)) for h in range(heads) for r in range(0, rows, step)]
 
 
-def _tile_scores(q_scaled: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, h: int,
-                 rows: slice) -> torch.Tensor:
-    """Scores ``q kᵀ·scale + bias`` of head ``h`` and query rows ``rows``: (B, rows, Nk), a fresh tensor."""
-    scores = torch.matmul(q_scaled[:, rows], k_t)
+def _tile_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, heads: slice,
+                 rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Scores ``q kᵀ·scale + bias`` of a tile: (B, heads, rows, Nk) in ``dtype``, a fresh tensor."""
+    scores = torch.matmul(q[:, heads, rows].to(dtype) * scale, k[:, heads].to(dtype).transpose(-1, -2))
     if bias is not None:
-        scores += bias[:, h if bias.shape[1] > 1 else 0, rows if bias.shape[2] > 1 else slice(None)]
+        scores += bias[:, heads if bias.shape[1] > 1 else slice(None), rows if bias.shape[2] > 1 else slice(None)]
     return scores
 
 
@@ -107,27 +114,22 @@ class _HeadMeanProbs(torch.autograd.Function):
     """Autograd of :func:`head_mean_probs`: forward keeps q, k and the row log-sum-exp only; backward recomputes
     each tile's probabilities ``P = exp(S - lse)`` and forms ``dS = P ⊙ (G' - rowsum(P_sel ⊙ G))`` in place
     (``G'``: the incoming gradient at the selected keys, 0 elsewhere), then ``dq = dS k·scale``,
-    ``dk = dSᵀ q·scale``."""
+    ``dk = dSᵀ q·scale`` (each only when its input needs a gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, scale, bias, keys, tile_elements):
         dtype = score_dtype(q.dtype)
         batch, heads, rows, _ = q.shape
-        n_keys = k.shape[2]
-        step = _tile_rows(batch, rows, n_keys, tile_elements)
-        out = torch.zeros(batch, rows, n_keys if keys is None else keys.numel(), device=q.device, dtype=dtype)
+        out = torch.zeros(batch, rows, k.shape[2] if keys is None else keys.numel(), device=q.device, dtype=dtype)
         lse = torch.empty(batch, heads, rows, 1, device=q.device, dtype=dtype)
-        for h in range(heads):
-            q_scaled, k_t = q[:, h].to(dtype) * scale, k[:, h].to(dtype).transpose(-1, -2)
-            for start in range(0, rows, step):
-                tile = slice(start, start + step)
-                scores = _tile_scores(q_scaled, k_t, bias, h, tile)
-                top = scores.amax(-1, keepdim=True)
-                expo = scores.sub_(top).exp_()
-                total = expo.sum(-1, keepdim=True)
-                lse[:, h, tile] = top + total.log()
-                picked = expo if keys is None else expo.index_select(-1, keys)
-                out[:, tile] += picked.div_(total)
+        for hs, rs in _tiles(batch, heads, rows, k.shape[2], tile_elements):
+            scores = _tile_scores(q, k, scale, bias, hs, rs, dtype)
+            top = scores.amax(-1, keepdim=True)
+            expo = scores.sub_(top).exp_()
+            total = expo.sum(-1, keepdim=True)
+            lse[:, hs, rs] = top + total.log()
+            picked = expo if keys is None else expo.index_select(-1, keys)
+            out[:, rs] += picked.div_(total).sum(1)
         ctx.save_for_backward(q, k, bias, keys, lse)
         ctx.scale, ctx.tile_elements = scale, tile_elements
         return out.div_(heads)
@@ -135,27 +137,26 @@ class _HeadMeanProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, bias, keys, lse = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
         dtype = lse.dtype
         batch, heads, rows, _ = q.shape
-        step = _tile_rows(batch, rows, k.shape[2], ctx.tile_elements)
-        grad = grad.to(dtype) / heads
-        dq = torch.empty(q.shape, device=q.device, dtype=dtype)
-        dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
-        for h in range(heads):
-            q_h, k_h = q[:, h].to(dtype), k[:, h].to(dtype)
-            q_scaled, k_t = q_h * ctx.scale, k_h.transpose(-1, -2)
-            for start in range(0, rows, step):
-                tile = slice(start, start + step)
-                probs = _tile_scores(q_scaled, k_t, bias, h, tile).sub_(lse[:, h, tile]).exp_()
-                if keys is None:
-                    weighted = probs * grad[:, tile]
-                    dscores = weighted.sub_(probs.mul_(weighted.sum(-1, keepdim=True)))
-                else:
-                    weighted = probs.index_select(-1, keys).mul_(grad[:, tile])
-                    dscores = probs.mul_(weighted.sum(-1, keepdim=True).neg_()).index_add_(-1, keys, weighted)
-                dq[:, h, tile] = torch.matmul(dscores, k_h)
-                dk[:, h] += torch.matmul(dscores.transpose(-1, -2), q_h[:, tile])
-        return (dq.mul_(ctx.scale).to(q.dtype), dk.mul_(ctx.scale).to(k.dtype), None, None, None, None)
+        grad = (grad.to(dtype) / heads).unsqueeze(1)  # (B, 1, Nq, Nk'): the same for every head
+        dq = torch.empty(q.shape, device=q.device, dtype=dtype) if need_q else None
+        dk = torch.zeros(k.shape, device=k.device, dtype=dtype) if need_k else None
+        for hs, rs in _tiles(batch, heads, rows, k.shape[2], ctx.tile_elements):
+            probs = _tile_scores(q, k, ctx.scale, bias, hs, rs, dtype).sub_(lse[:, hs, rs]).exp_()
+            if keys is None:
+                weighted = probs * grad[:, :, rs]
+                dscores = weighted.sub_(probs.mul_(weighted.sum(-1, keepdim=True)))
+            else:
+                weighted = probs.index_select(-1, keys).mul_(grad[:, :, rs])
+                dscores = probs.mul_(weighted.sum(-1, keepdim=True).neg_()).index_add_(-1, keys, weighted)
+            if need_q:
+                dq[:, hs, rs] = torch.matmul(dscores, k[:, hs].to(dtype))
+            if need_k:
+                dk[:, hs] += torch.matmul(dscores.transpose(-1, -2), q[:, hs, rs].to(dtype))
+        return (None if dq is None else dq.mul_(ctx.scale).to(q.dtype),
+                None if dk is None else dk.mul_(ctx.scale).to(k.dtype), None, None, None, None)
 
 
 def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
@@ -163,7 +164,8 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
     """``mean_h softmax(q_h k_hᵀ·scale + bias_h)[..., keys]``: (B, Nq, Nk') in float32 (float64 for float64 inputs).
 
     The softmax runs over all keys; ``keys`` (1-D indices, None for all) only picks the columns returned. Computed
-    in tiles of one head and at most ``tile_elements`` scores, so no (B, H, Nq, Nk) tensor exists; differentiable
+    in tiles of at most ``tile_elements`` scores (whole heads when they fit, else a few rows of one head), so no
+    (B, H, Nq, Nk) tensor larger than a tile exists; differentiable
     in ``q`` and ``k`` with a hand-written backward that keeps only the row log-sum-exp (B·H·Nq values) and
     recomputes each tile (two score passes per tile instead of autograd's saved softmax, zero-filled column
     gradients and head-sum copies). ``bias`` (broadcastable to (B, H, Nq, Nk), e.g. an attention mask) is a

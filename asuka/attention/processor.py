@@ -157,11 +157,12 @@ class ControlledAttnProcessor(nn.Module):
                              attention_mask, grid, self.block_input, self.block_encoder_hidden_states, original)
 
         for entry in active:
-            if entry.control.read is not None:
+            read = entry.control.read
+            if read is not None and not (entry.state.replaying and not read.grad):
                 call.state = entry.state
                 maps = _read_maps(entry.control, call, query, key, attention_mask)
-                if not entry.state.replaying:  # recomputed in a backward: computed (checkpointing checks that the
-                    entry.control.on_read(call, maps)  # same tensors are saved again) but not delivered twice
+                if not entry.state.replaying:  # re-run in a backward: a read with a graph is computed again
+                    entry.control.on_read(call, maps)  # (checkpointing checks the same tensors are saved), not delivered
 
         for entry in active:  # keys and values first, so every later hook sees the final key count
             if "keys_values" in entry.hooks:

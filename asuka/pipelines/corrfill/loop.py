@@ -58,7 +58,7 @@ def _cond_half(value: Any, cfg: bool) -> Any:
 @contextmanager
 def _checkpointing(unet: Any, on: bool):
     """diffusers' gradient checkpointing on ``unet`` inside the block (when ``on`` and not already on), restored."""
-    switch = on and not getattr(unet, "is_gradient_checkpointing", True)
+    switch = on and not unet.is_gradient_checkpointing
     if switch:
         unet.enable_gradient_checkpointing()
     try:
@@ -119,7 +119,7 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
         t = step.timestep
         state.collected = []
         controller.state.cfg = False
-        with torch.inference_mode(False), torch.enable_grad(), _checkpointing(pipe.unet, config.gradient_checkpointing):
+        with torch.inference_mode(False), torch.enable_grad():
             hidden = _autograd_ready(_cond_half(tensors["prompt_embeds"], cfg))
             kwargs = _autograd_ready(_cond_half(unet_kwargs, cfg))
             extra = _autograd_ready({name: _cond_half(tensors[name], cfg) for name in channels})
@@ -167,5 +167,7 @@ def corrfill_denoise(pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor, 
                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
     if config.estimation_steps == 0:  # nothing to estimate: the stock processors, the base loop
         return denoise(pipe, latents, timesteps, noise, **run)
-    with frozen(pipe.unet), controller:  # the gradient is taken with respect to the latent only
+    # the gradient is taken with respect to the latent only; diffusers checkpoints only while autograd is on, so
+    # switching checkpointing on for the whole loop (once) affects the gradient passes alone
+    with frozen(pipe.unet), controller, _checkpointing(pipe.unet, config.gradient_checkpointing):
         return denoise(pipe, latents, timesteps, noise, **run)

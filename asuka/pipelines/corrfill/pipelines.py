@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import PaintByExamplePipeline, StableDiffusionInpaintPipeline
 
+from asuka.pipelines._common import per_image
 from asuka.pipelines._sampling import check_callback_inputs, decode, finish
 from asuka.pipelines.corrfill.config import CorrFillConfig
 from asuka.pipelines.corrfill.loop import corrfill_denoise
@@ -112,10 +113,10 @@ class CorrFillInpaintPipeline(StableDiffusionInpaintPipeline):
             prompt_embeds = prompt_embeds.expand(batch, -1, -1) if prompt_embeds.shape[0] == 1 else prompt_embeds
             if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1:
                 negative_prompt_embeds = negative_prompt_embeds.expand(batch, -1, -1)
-        elif isinstance(prompt, str):
-            prompt = [prompt] * batch
-        if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * batch
+        else:
+            prompt = per_image(prompt, batch, "prompt")
+        if negative_prompt is not None:
+            negative_prompt = per_image(negative_prompt, batch, "negative_prompt")
         embeds, negative = self.encode_prompt(prompt, device, 1, cfg, negative_prompt, prompt_embeds=prompt_embeds,
                                               negative_prompt_embeds=negative_prompt_embeds)
         if cfg:
